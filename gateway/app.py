@@ -1,0 +1,155 @@
+"""Running the gateway: the proxy and admin listeners, signals, graceful drain, worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from gateway.admin.app import build_admin_app
+from gateway.config.schema import GatewayConfig
+from gateway.proxy import ProxyServer
+
+log = logging.getLogger("gateway")
+
+
+def install_uvloop() -> bool:
+    """Use uvloop when it is installed: it buys 7-14 % per request (PERFORMANCE.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+class Gateway:
+    """One serving process: a proxy listener and, unless a supervisor serves it, the admin listener."""
+
+    def __init__(self, config: GatewayConfig, *, admin: bool = True) -> None:
+        self.config = config
+        self.with_admin = admin
+        self.state: dict[str, Any] = {"ready": False, "reason": "starting"}
+        self.proxy: ProxyServer | None = None
+        self.admin_runner: web.AppRunner | None = None
+        self.stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.proxy = ProxyServer(self.config, loop)
+        await self.proxy.start()
+        if self.with_admin:
+            await self.start_admin()
+        self.state.update(ready=True, reason="ready")
+
+    async def start_admin(self) -> None:
+        app = build_admin_app(self.config, self.state)
+        self.admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.admin_runner.setup()
+        host, port = self.config.admin.listen
+        site = web.TCPSite(self.admin_runner, host, port, reuse_port=True)
+        await site.start()
+
+    async def stop(self) -> bool:
+        """Readiness false, listeners closed, in-flight requests finished (up to shutdown_timeout)."""
+        self.state.update(ready=False, reason="draining")
+        if self.config.shutdown_delay:
+            await asyncio.sleep(self.config.shutdown_delay)
+        clean = True
+        if self.proxy is not None:
+            clean = await self.proxy.drain(self.config.shutdown_timeout)
+            await self.proxy.close()
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+        return clean
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await self.start()
+        host, port = self.config.listen
+        log.info("proxy listening on %s:%d", host, port)
+        await self.stopping.wait()
+        log.info("draining")
+        clean = await self.stop()
+        if not clean:
+            log.warning("shutdown_timeout passed with requests still in flight; they were cut")
+        return 0
+
+
+def run(config: GatewayConfig, workers: int = 1) -> int:
+    """Serve until SIGTERM/SIGINT; with workers > 1, fork that many proxy processes (SO_REUSEPORT)."""
+    install_uvloop()
+    if workers <= 1:
+        return asyncio.run(Gateway(config).serve())
+    return _supervise(config, workers)
+
+
+def _supervise(config: GatewayConfig, workers: int) -> int:
+    # Bind once here so a bad address fails before any fork; the workers bind their own SO_REUSEPORT sockets.
+    host, port = config.listen
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    probe.bind((host, port))
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            probe.close()
+            from gateway.ids import reseed
+
+            reseed()
+            code = asyncio.run(Gateway(config, admin=False).serve())
+            os._exit(code)
+        children.append(pid)
+    probe.close()
+    return asyncio.run(_supervisor_loop(config, children))
+
+
+async def _supervisor_loop(config: GatewayConfig, children: list[int]) -> int:
+    gw = Gateway(config)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await gw.start_admin()
+    gw.state.update(ready=True, reason="ready")
+    alive = set(children)
+
+    async def reap() -> None:
+        while alive:
+            for pid in list(alive):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    alive.discard(pid)
+                    if not stopping.is_set():
+                        log.error("worker %d exited (status %d); stopping", pid, status)
+                        stopping.set()
+            await asyncio.sleep(0.1)
+
+    reaper = asyncio.ensure_future(reap())
+    await stopping.wait()
+    gw.state.update(ready=False, reason="draining")
+    for pid in alive:
+        os.kill(pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(reaper, config.shutdown_timeout + config.shutdown_delay + 5)
+    except TimeoutError:
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+    if gw.admin_runner is not None:
+        await gw.admin_runner.cleanup()
+    return 0
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )

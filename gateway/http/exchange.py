@@ -1,0 +1,93 @@
+"""One request/response exchange: what the client asked, what the stages decided, how far it got."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.http.upstream import UpstreamConnection
+    from gateway.routing import Route
+
+BODY_NONE = 0
+BODY_LENGTH = 1
+BODY_CHUNKED = 2
+
+
+class Exchange:
+    """Mutable per-request state; slots keep it small and allocation cheap."""
+
+    __slots__ = (
+        "body_chunks",
+        "body_complete",
+        "body_kind",
+        "body_received",
+        "buffered",
+        "client_ip",
+        "content_length",
+        "done",
+        "expect_continue",
+        "has_connection_header",
+        "headers",
+        "host",
+        "host_count",
+        "host_raw",
+        "upstream_extra",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "request_id",
+        "response_extra",
+        "response_started",
+        "retried",
+        "route",
+        "started",
+        "status",
+        "target",
+        "upgrade",
+        "upstream",
+        "upstream_status",
+        "version",
+        "xff",
+    )
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.method = ""
+        self.version = b"1.1"
+        self.target = b""
+        self.path = b""
+        self.query = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host = ""
+        self.host_raw = b""
+        self.host_count = 0
+        self.upstream_extra: list[tuple[bytes, bytes]] = []
+        self.has_connection_header = False
+        self.keep_alive = True
+        self.body_kind = BODY_NONE
+        self.content_length = 0
+        self.body_received = 0
+        self.body_complete = False
+        self.body_chunks: list[bytes] | None = None
+        self.buffered = 0
+        self.expect_continue = False
+        self.upgrade = False
+        self.route: Route | None = None
+        self.client_ip = ""
+        self.xff = b""
+        self.request_id = ""
+        self.response_extra: list[tuple[bytes, bytes]] = []
+        self.response_started = False
+        self.retried = False
+        self.done = False
+        self.status = 0
+        self.upstream_status = 0
+        self.upstream: UpstreamConnection | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a (lower-case) header, or None."""
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return None

@@ -1,0 +1,104 @@
+"""Header hygiene and the bytes of the heads the gateway writes, in both directions."""
+
+from __future__ import annotations
+
+from gateway.http.exchange import BODY_CHUNKED, BODY_LENGTH, Exchange
+from gateway.routing import Route, Upstream
+
+# Never forwarded in either direction (RFC 9110 §7.6.1, plus httpoxy's Proxy and framing the gateway sets).
+HOP_BY_HOP = frozenset(
+    [
+        b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+        b"upgrade", b"proxy", b"proxy-authenticate", b"proxy-authorization", b"content-length",
+        b"expect", b"host",
+    ]
+)
+
+# Only the gateway may set these upstream; a client's copy is dropped, in any `-`/`_`/`.` spelling.
+RESERVED_REQUEST = frozenset(
+    [
+        b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
+        b"x-forwarded-prefix", b"forwarded", b"x-real-ip", b"x-request-id", b"x-http-method-override",
+        b"x-method-override", b"x-http-method", b"x-consumer-id", b"x-consumer-username",
+        b"x-consumer-scopes", b"x-consumer-env", b"x-credential-identifier", b"x-gateway-identity",
+        b"x-authenticated-user", b"x-authenticated-scope", b"x-authenticated-userid", b"x-gateway-scopes",
+        b"x-gateway-route", b"x-api-key-id",
+    ]
+)
+
+# A response header the gateway owns: an upstream's copy is replaced, not duplicated.
+RESERVED_RESPONSE = frozenset([b"x-request-id"])
+
+
+def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Every token of every Connection line, lower-cased (a second line must not escape)."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            for t in value.split(b","):
+                t = t.strip().lower()
+                if t:
+                    tokens.add(t)
+    return frozenset(tokens)
+
+
+def canonical_name(name: bytes) -> bytes:
+    """Fold `_` and `.` spellings onto `-`, so `X_Consumer.ID` is caught as `x-consumer-id`."""
+    if b"_" in name or b"." in name:
+        return name.replace(b"_", b"-").replace(b".", b"-")
+    return name
+
+
+def request_head(
+    ex: Exchange, route: Route, upstream: Upstream, extra: list[tuple[bytes, bytes]], websocket: bool
+) -> bytes:
+    """The request line and headers sent upstream; framing set from what the gateway will send."""
+    drop = connection_tokens(ex.headers) if ex.has_connection_header else ()
+    path = route.upstream_path(ex.path, upstream)
+    target = path + b"?" + ex.query if ex.query else path
+    lines = [ex.method.encode(), b" ", target, b" HTTP/1.1\r\nhost: "]
+    if route.config.preserve_host and ex.host_raw:
+        lines.append(ex.host_raw)
+    else:
+        lines.append(upstream.host_header)
+    lines.append(b"\r\n")
+    for name, value in ex.headers:
+        if name in HOP_BY_HOP or name in drop or canonical_name(name) in RESERVED_REQUEST:
+            continue
+        lines += (name, b": ", value, b"\r\n")
+    for name, value in extra:
+        lines += (name, b": ", value, b"\r\n")
+    if ex.body_kind == BODY_LENGTH:
+        lines += (b"content-length: ", str(ex.content_length).encode(), b"\r\n")
+    elif ex.body_kind == BODY_CHUNKED:
+        lines.append(b"transfer-encoding: chunked\r\n")
+    elif ex.method in ("POST", "PUT", "PATCH"):
+        lines.append(b"content-length: 0\r\n")
+    if websocket:
+        lines.append(b"connection: upgrade\r\nupgrade: websocket\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def response_headers(
+    raw: list[tuple[bytes, bytes]], drop_upgrade: bool
+) -> tuple[list[bytes], bytes | None, bool]:
+    """Filter an upstream response's headers; return (header lines, content-length, chunked)."""
+    tokens = connection_tokens([(n.lower(), v) for n, v in raw if len(n) == 10])
+    out: list[bytes] = []
+    length: bytes | None = None
+    chunked = False
+    for name, value in raw:
+        low = name.lower()
+        if low == b"content-length":
+            length = value
+            continue
+        if low == b"transfer-encoding":
+            chunked = True
+            continue
+        if low in HOP_BY_HOP or low in tokens or low in RESERVED_RESPONSE:
+            if not drop_upgrade and low in (b"upgrade", b"connection"):
+                out += (name, b": ", value, b"\r\n")
+            continue
+        out += (name, b": ", value, b"\r\n")
+    return out, length, chunked

@@ -1,0 +1,327 @@
+"""Upstream connections: a keep-alive pool and a protocol that parses responses with llhttp.
+
+A connection goes back to the pool only when its last exchange was framed cleanly on both sides;
+any doubt (parse error, early close, unread body, a byte while idle) discards it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+import httptools
+
+from gateway.errors import GatewayError
+from gateway.http.exchange import BODY_CHUNKED, Exchange
+
+if TYPE_CHECKING:
+    from gateway.http.server import ClientConnection
+    from gateway.routing import Upstream
+
+MAX_RESPONSE_HEADERS = 256
+MAX_RESPONSE_HEAD_BYTES = 65536
+INF = float("inf")
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "client", "closed", "deadline", "eof_body", "ex", "head_bytes", "headers", "informational",
+        "key", "parser", "pool", "read_timeout", "reason", "received", "reusable", "reused",
+        "skip_body", "total_deadline", "transport", "tunnel", "upstream",
+    )
+
+    def __init__(self, pool: UpstreamPool, upstream: Upstream) -> None:
+        self.pool = pool
+        self.upstream = upstream
+        self.key = upstream.key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.ex: Exchange | None = None
+        self.client: ClientConnection | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.reason = b""
+        self.informational = False
+        self.skip_body = False
+        self.eof_body = False
+        self.received = False
+        self.reusable = True
+        self.reused = False
+        self.closed = False
+        self.tunnel = False
+        self.deadline = INF
+        self.total_deadline = INF
+        self.read_timeout = INF
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        ex, client = self.ex, self.client
+        if ex is None or client is None:
+            return
+        self.ex = self.client = None
+        if self.tunnel:
+            client.abort()
+            return
+        if self.eof_body and not self.informational:
+            client.response_done(ex, self)  # close-delimited body ends here
+            return
+        retry = self.reused and not self.received and ex.body_kind == 0
+        client.upstream_failed(
+            ex, GatewayError("upstream_unavailable", "the upstream closed the connection"), retry
+        )
+
+    def close(self) -> None:
+        self.reusable = False
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+        self.pool.forget(self)
+
+    def abort(self) -> None:
+        """Drop the connection now: the exchange it carried is being abandoned."""
+        self.ex = self.client = None
+        self.reusable = False
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+        self.pool.forget(self)
+
+    # --- sending ---------------------------------------------------------------------------
+    def send(self, ex: Exchange, client: ClientConnection, head: bytes, now: float) -> None:
+        """Write the request head and whatever body is already buffered."""
+        assert self.transport is not None
+        if self.skip_body or self.parser is None:
+            self.parser = httptools.HttpResponseParser(self)
+        self.ex, self.client = ex, client
+        self.headers = []
+        self.head_bytes = 0
+        self.received = self.informational = self.skip_body = self.eof_body = False
+        self.skip_body = ex.method == "HEAD"
+        timeouts = ex.route.config.timeouts if ex.route is not None else None
+        self.read_timeout = timeouts.read if timeouts else INF
+        self.deadline = now + self.read_timeout
+        total = timeouts.total if timeouts else None
+        self.total_deadline = now + total if total else INF
+        self.pool.busy.add(self)
+        ex.upstream = self
+        self.transport.write(head)
+        chunks = ex.body_chunks
+        if chunks:
+            ex.body_chunks = None
+            ex.buffered = 0
+            for c in chunks:
+                self.send_body(c)
+        if ex.body_complete:
+            self.end_body()
+
+    def send_body(self, chunk: bytes) -> None:
+        assert self.transport is not None and self.ex is not None
+        if self.ex.body_kind == BODY_CHUNKED:
+            self.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        else:
+            self.transport.write(chunk)
+
+    def end_body(self) -> None:
+        assert self.transport is not None and self.ex is not None
+        if self.ex.body_kind == BODY_CHUNKED:
+            self.transport.write(b"0\r\n\r\n")
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading_for(self)
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading_for(self)
+
+    # --- receiving -------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            if self.client is not None:
+                self.client.tunnel_write(data)
+            return
+        if self.ex is None:
+            self.close()  # a byte while idle: the stream can no longer be trusted
+            return
+        self.deadline = self.pool.loop.time() + self.read_timeout
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._start_tunnel(data[e.args[0] :])
+        except httptools.HttpParserError:
+            self._fail("the upstream sent a malformed response")
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value)
+        if len(self.headers) >= MAX_RESPONSE_HEADERS or self.head_bytes > MAX_RESPONSE_HEAD_BYTES:
+            raise httptools.HttpParserError("response head too large")
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex, client = self.ex, self.client
+        if ex is None or client is None:
+            return
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.informational = True
+            client.informational(ex, status, self.reason, self.headers)
+            self.headers = []
+            self.head_bytes = 0
+            return
+        self.informational = False
+        if status == 101:
+            if not ex.upgrade:
+                raise httptools.HttpParserError("unsolicited 101")
+            self.reusable = False
+            client.start_response(ex, status, self.reason, self.headers, upgrade=True)
+            return
+        no_body = self.skip_body or status in (204, 304)
+        if not no_body and not self._has_framing():
+            self.eof_body = True
+            self.reusable = False
+        if not self.parser.should_keep_alive():
+            self.reusable = False
+        client.start_response(ex, status, self.reason, self.headers, upgrade=False)
+        if self.skip_body:
+            # llhttp cannot be told a response answers HEAD: end the exchange here, and give the
+            # next request a fresh parser; a body byte from the old one would be an anomaly.
+            self.ex = self.client = None
+            self._finish(ex, client)
+
+    def _has_framing(self) -> bool:
+        for name, _ in self.headers:
+            if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
+                return True
+        return False
+
+    def on_body(self, chunk: bytes) -> None:
+        if self.client is None or self.ex is None:
+            raise httptools.HttpParserError("body after the exchange ended")
+        self.client.response_body(self.ex, chunk)
+
+    def on_message_complete(self) -> None:
+        ex, client = self.ex, self.client
+        if self.informational:
+            self.informational = False
+            return
+        if ex is None or client is None:
+            return
+        self.ex = self.client = None
+        self._finish(ex, client)
+
+    def _finish(self, ex: Exchange, client: ClientConnection) -> None:
+        self.pool.busy.discard(self)
+        if not ex.body_complete:
+            self.reusable = False  # the upstream answered before the body ended
+        client.response_done(ex, self)
+
+    def _fail(self, detail: str) -> None:
+        ex, client = self.ex, self.client
+        self.abort()
+        if ex is not None and client is not None:
+            client.upstream_failed(ex, GatewayError("upstream_unavailable", detail), False)
+
+    def on_timeout(self) -> None:
+        ex, client = self.ex, self.client
+        self.abort()
+        if ex is not None and client is not None:
+            client.upstream_failed(
+                ex, GatewayError("upstream_timeout", "the upstream did not answer in time"), False
+            )
+
+    # --- tunnels (WebSocket after 101) -----------------------------------------------------
+    def _start_tunnel(self, rest: bytes) -> None:
+        self.tunnel = True
+        self.deadline = self.total_deadline = INF
+        self.pool.busy.discard(self)
+        if self.client is not None:
+            self.client.start_tunnel(self)
+            if rest:
+                self.client.tunnel_write(rest)
+
+    def tunnel_write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per upstream origin, most recently used first."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, keepalive: int, idle_timeout: float) -> None:
+        self.loop = loop
+        self.keepalive = keepalive
+        self.idle_timeout = idle_timeout
+        self.idle: dict[tuple[str, str, int, int], list[UpstreamConnection]] = {}
+        self.busy: set[UpstreamConnection] = set()
+
+    def acquire(self, upstream: Upstream) -> UpstreamConnection | None:
+        conns = self.idle.get(upstream.key)
+        while conns:
+            conn = conns.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    async def connect(self, upstream: Upstream, timeout: float) -> UpstreamConnection:
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: UpstreamConnection(self, upstream),
+                    upstream.host,
+                    upstream.port,
+                    ssl=upstream.ssl,
+                    server_hostname=upstream.host if upstream.ssl else None,
+                ),
+                timeout,
+            )
+        except TimeoutError:
+            raise GatewayError("upstream_timeout", "connecting to the upstream timed out") from None
+        except OSError as e:
+            reason = "TLS verification failed" if "SSL" in type(e).__name__ else "connection refused or failed"
+            raise GatewayError("upstream_unavailable", f"cannot connect to the upstream: {reason}") from None
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        self.busy.discard(conn)
+        if conn.closed or not conn.reusable or self.keepalive == 0:
+            conn.close()
+            return
+        conns = self.idle.setdefault(conn.key, [])
+        if len(conns) >= self.keepalive:
+            conn.close()
+            return
+        conn.deadline = self.loop.time() + self.idle_timeout
+        conns.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self.busy.discard(conn)
+        conns = self.idle.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+
+    def sweep(self, now: float) -> None:
+        """Close idle connections past their time; time out stalled exchanges."""
+        for conns in self.idle.values():
+            for conn in [c for c in conns if c.deadline < now]:
+                conn.close()
+        for conn in [c for c in self.busy if c.deadline < now or c.total_deadline < now]:
+            conn.on_timeout()
+
+    def close_all(self) -> None:
+        for conns in list(self.idle.values()):
+            for conn in list(conns):
+                conn.close()
+        for conn in list(self.busy):
+            with contextlib.suppress(Exception):
+                conn.abort()

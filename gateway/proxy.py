@@ -1,0 +1,152 @@
+"""The proxy listener: routes and pipeline compiled from config, the upstream pool, timers, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from gateway.config.schema import GatewayConfig
+from gateway.http.exchange import Exchange
+from gateway.http.server import ClientConnection
+from gateway.http.upstream import UpstreamPool
+from gateway.pipeline import Pipeline, Stage
+from gateway.routing import Route, Router, compile_route
+from gateway.stages.client_ip import ClientIP, normalise
+from gateway.stages.cors import Cors
+from gateway.tasks import Tasks
+
+log = logging.getLogger("gateway.proxy")
+
+Observer = Callable[[Exchange], None]
+
+
+def build_routes(config: GatewayConfig) -> list[Route]:
+    """Compile every route with its ordered stages (more stages join as features land)."""
+    ssl_cache: dict[str | None, ssl.SSLContext] = {}
+    routes = []
+    for rc in config.routes:
+        route = compile_route(rc, ssl_cache)
+        stages: list[Stage] = []
+        if rc.cors is not None:
+            stages.append(Cors(rc.cors))
+        route.stages = stages
+        routes.append(route)
+    return routes
+
+
+class ProxyServer:
+    def __init__(self, config: GatewayConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        lim = config.limits
+        self.header_timeout = lim.header_timeout
+        self.body_timeout = lim.body_timeout
+        self.idle_timeout = lim.idle_timeout
+        self.max_header_bytes = lim.max_header_bytes
+        self.max_headers = lim.max_headers
+        self.max_pipelined = lim.max_pipelined
+        self.max_connections = lim.max_connections
+        self.underscores = config.headers_with_underscores
+        self.scheme = b"https" if config.tls else b"http"
+        self.router = Router(build_routes(config))
+        self.pipeline = Pipeline(self.router, ClientIP(list(config.trusted_proxies)))
+        self.pool = UpstreamPool(loop, config.upstream_keepalive, config.upstream_idle_timeout)
+        self.connections: set[ClientConnection] = set()
+        self.tasks = Tasks()
+        self.observers: list[Observer] = []
+        self.draining = False
+        self.date = b""
+        self._server: asyncio.Server | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        self._tick_every = self._tick_interval(config)
+        self._peer_cache: dict[str, str] = {}
+
+    @staticmethod
+    def _tick_interval(config: GatewayConfig) -> float:
+        shortest = min(
+            [config.limits.header_timeout, config.limits.body_timeout, config.limits.idle_timeout]
+            + [t for r in config.routes for t in (r.timeouts.read, r.timeouts.total or 1e9)]
+        )
+        return max(0.02, min(0.25, shortest / 5))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self.tasks.spawn(coro)
+
+    def record(self, ex: Exchange) -> None:
+        for observe in self.observers:
+            observe(ex)
+
+    def normalise_peer(self, peer: str) -> str:
+        cached = self._peer_cache.get(peer)
+        if cached is None:
+            ip = normalise(peer)
+            cached = str(ip) if ip is not None else peer
+            if len(self._peer_cache) > 65536:
+                self._peer_cache.clear()
+            self._peer_cache[peer] = cached
+        return cached
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        tls = self.config.tls
+        if tls is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(tls.cert, tls.key)
+        ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        self._tick()
+        host, port = self.config.listen
+        kwargs: dict[str, Any] = {"ssl": self.ssl_context(), "backlog": 4096}
+        if sock is not None:
+            self._server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, **kwargs)
+        else:
+            self._server = await self.loop.create_server(
+                lambda: ClientConnection(self), host, port, reuse_port=True, **kwargs
+            )
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return list(self._server.sockets) if self._server else []
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        self.date = email.utils.formatdate(usegmt=True).encode()
+        for conn in [c for c in self.connections if c.deadline < now]:
+            try:
+                conn.on_deadline(now)
+            except Exception:
+                log.exception("deadline handling failed")
+                conn.abort()
+        self.pool.sweep(now)
+        self._ticker = self.loop.call_later(self._tick_every, self._tick)
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting, let in-flight exchanges finish; True if all did within the timeout."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.active is None and not conn.queue and conn.current is None:
+                conn._close()
+        deadline = self.loop.time() + timeout
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        clean = not self.connections
+        for conn in list(self.connections):
+            conn.abort()
+        return clean
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._server is not None:
+            self._server.close()
+        self.pool.close_all()
+        await self.tasks.cancel_all()
