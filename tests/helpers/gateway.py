@@ -1,0 +1,62 @@
+"""Run the gateway's proxy listener inside the test's event loop, on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from gateway.config.schema import GatewayConfig
+from gateway.proxy import ProxyServer
+
+
+def make_config(routes: list[dict[str, Any]], **top: Any) -> GatewayConfig:
+    """A validated config listening on an ephemeral port; `top` sets any top-level field."""
+    data: dict[str, Any] = {"listen": "127.0.0.1:0", "routes": routes}
+    data.update(top)
+    return GatewayConfig.model_validate(data)
+
+
+class RunningProxy:
+    def __init__(self, proxy: ProxyServer) -> None:
+        self.proxy = proxy
+        self.port = proxy.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A raw client connection, for framing tests."""
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+    async def close(self) -> None:
+        await self.proxy.close()
+
+
+async def start_proxy(config: GatewayConfig) -> RunningProxy:
+    proxy = ProxyServer(config, asyncio.get_running_loop())
+    await proxy.start()
+    return RunningProxy(proxy)
+
+
+async def read_response(reader: asyncio.StreamReader, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """Read one HTTP/1.1 response with a Content-Length or chunked body (raw-socket tests)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+    body = b""
+    if "content-length" in headers:
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), timeout)
+    elif headers.get("transfer-encoding") == "chunked":
+        while True:
+            size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)).strip(), 16)
+            data = await asyncio.wait_for(reader.readexactly(size + 2), timeout)
+            if size == 0:
+                break
+            body += data[:-2]
+    return status, headers, body
