@@ -14,7 +14,10 @@ from aiohttp import web
 
 from gateway.admin.app import build_admin_app
 from gateway.config.schema import GatewayConfig
+from gateway.keys.peppers import PepperMissing
 from gateway.proxy import ProxyServer
+from gateway.services import Services
+from gateway.store import StoreUnavailable
 
 log = logging.getLogger("gateway")
 
@@ -38,18 +41,23 @@ class Gateway:
         self.state: dict[str, Any] = {"ready": False, "reason": "starting"}
         self.proxy: ProxyServer | None = None
         self.admin_runner: web.AppRunner | None = None
+        self.services: Services | None = None
         self.stopping = asyncio.Event()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.proxy = ProxyServer(self.config, loop)
+        self.services = await open_services(self.config)
+        self.services.start_background()
+        self.proxy = ProxyServer(self.config, loop, self.services)
         await self.proxy.start()
         if self.with_admin:
             await self.start_admin()
         self.state.update(ready=True, reason="ready")
 
     async def start_admin(self) -> None:
-        app = build_admin_app(self.config, self.state)
+        if self.services is None:
+            self.services = await open_services(self.config)
+        app = build_admin_app(self.config, self.state, self.services)
         self.admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.admin_runner.setup()
         host, port = self.config.admin.listen
@@ -67,6 +75,8 @@ class Gateway:
             await self.proxy.close()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
+        if self.services is not None:
+            await self.services.close()
         return clean
 
     async def serve(self) -> int:
@@ -82,6 +92,30 @@ class Gateway:
         if not clean:
             log.warning("shutdown_timeout passed with requests still in flight; they were cut")
         return 0
+
+
+class StartupError(Exception):
+    """The gateway cannot start: the message says why, for the operator."""
+
+
+async def open_services(config: GatewayConfig) -> Services:
+    try:
+        return await Services.open(config)
+    except PepperMissing as e:
+        raise StartupError(str(e)) from None
+    except StoreUnavailable as e:
+        raise StartupError(f"the key store at {_redact(config.store)} is unavailable: {e}") from None
+
+
+def _redact(url: str) -> str:
+    """A store URL without its password, fit for a log line."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
 
 
 def run(config: GatewayConfig, workers: int = 1) -> int:
@@ -146,6 +180,8 @@ async def _supervisor_loop(config: GatewayConfig, children: list[int]) -> int:
             os.kill(pid, signal.SIGKILL)
     if gw.admin_runner is not None:
         await gw.admin_runner.cleanup()
+    if gw.services is not None:
+        await gw.services.close()
     return 0
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from gateway.app import StartupError
 from gateway.config import ConfigError, load_config
 from gateway.config.schema import GatewayConfig
 
@@ -59,11 +60,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_load(args), upstream_port=args.upstream_port)
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    from gateway.cli_keys import run_action
+
+    return run_action(_load(args), args.action, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # SUPPRESS: an option given before the subcommand is not reset by the subcommand's own default.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", help="config file (default ./gateway.yaml, then $GATEWAY_CONFIG)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
+    common.add_argument(
+        "-c", "--config", default=argparse.SUPPRESS, help="config file (default ./gateway.yaml, then $GATEWAY_CONFIG)"
+    )
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO (default), WARNING, ERROR")
     parser = argparse.ArgumentParser(prog="gateway", description="API-key gateway", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", parents=[common], help="serve the proxy and admin listeners")
@@ -74,12 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="run a demo upstream and the gateway in front of it")
     p.add_argument("--upstream-port", type=int, default=9901)
     p.set_defaults(func=cmd_demo)
+    from gateway.cli_keys import add_parsers
+
+    add_parsers(sub, common, cmd_store)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.config = getattr(args, "config", None)
+    args.json = getattr(args, "json", False)
+    args.log_level = getattr(args, "log_level", None) or os.environ.get("GATEWAY_LOG_LEVEL", "INFO")
     if args.command == "run" and args.workers < 1:
         parser.error("--workers must be at least 1")
     try:
@@ -89,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line, file=sys.stderr)
         print("gateway: refusing to start with an invalid config", file=sys.stderr)
         return 2
+    except StartupError as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -17,7 +17,11 @@ from gateway.http.upstream import UpstreamPool
 from gateway.pipeline import Pipeline, Stage
 from gateway.routing import Route, Router, compile_route
 from gateway.stages.client_ip import ClientIP, normalise
+from gateway.services import Services
+from gateway.stages.auth import AuthStage
+from gateway.stages.authorize import EnvStage, IPAllowStage, ScopeStage
 from gateway.stages.cors import Cors
+from gateway.stages.identity import IdentityStage
 from gateway.tasks import Tasks
 
 log = logging.getLogger("gateway.proxy")
@@ -25,23 +29,39 @@ log = logging.getLogger("gateway.proxy")
 Observer = Callable[[Exchange], None]
 
 
-def build_routes(config: GatewayConfig) -> list[Route]:
-    """Compile every route with its ordered stages (more stages join as features land)."""
+def build_routes(config: GatewayConfig, services: Services | None) -> list[Route]:
+    """Compile every route with its ordered stages: CORS preflight (no key needed), authentication,
+    environment, IP allowlist, scopes, then identity headers for the upstream."""
     ssl_cache: dict[str | None, ssl.SSLContext] = {}
     routes = []
+    signing = config.identity.signing_key.encode() or None
     for rc in config.routes:
         route = compile_route(rc, ssl_cache)
         stages: list[Stage] = []
         if rc.cors is not None:
             stages.append(Cors(rc.cors))
+        if rc.auth != "none":
+            if services is None:
+                raise ValueError(f"route {rc.name!r} needs keys, but no key store is open")
+            m = services.metrics
+            policy = rc.query_key_policy or config.keys.query.policy
+            stages.append(AuthStage(services.key_auth, rc.auth, policy, rc.name))
+            if rc.env is not None:
+                stages.append(EnvStage(rc.env, m))
+            stages.append(IPAllowStage(m))
+            stages.append(ScopeStage(rc.scopes, m))
+            stages.append(IdentityStage(signing, config.identity.lifetime, services.clock))
         route.stages = stages
         routes.append(route)
     return routes
 
 
 class ProxyServer:
-    def __init__(self, config: GatewayConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, config: GatewayConfig, loop: asyncio.AbstractEventLoop, services: Services | None = None
+    ) -> None:
         self.config = config
+        self.services = services
         self.loop = loop
         lim = config.limits
         self.header_timeout = lim.header_timeout
@@ -53,7 +73,7 @@ class ProxyServer:
         self.max_connections = lim.max_connections
         self.underscores = config.headers_with_underscores
         self.scheme = b"https" if config.tls else b"http"
-        self.router = Router(build_routes(config))
+        self.router = Router(build_routes(config, services))
         self.pipeline = Pipeline(self.router, ClientIP(list(config.trusted_proxies)))
         self.pool = UpstreamPool(loop, config.upstream_keepalive, config.upstream_idle_timeout)
         self.connections: set[ClientConnection] = set()

@@ -1,13 +1,19 @@
-"""The admin listener (aiohttp): health and readiness now; the admin API and /metrics join it later."""
+"""The admin listener (aiohttp): health, readiness, /metrics, the admin API and its OpenAPI document."""
 
 from __future__ import annotations
 
 import aiohttp_cors
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.admin import keys
+from gateway.admin.auth import admin_auth
+from gateway.admin.openapi import DOCUMENT
 from gateway.config.schema import GatewayConfig
+from gateway.services import Services
 
 READY = web.AppKey("ready", dict)
+SERVICES = web.AppKey("services", Services)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -21,15 +27,35 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": state["reason"]}, status=503)
 
 
-def build_admin_app(config: GatewayConfig, state: dict[str, object]) -> web.Application:
-    app = web.Application()
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[SERVICES].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(DOCUMENT)
+
+
+def build_admin_app(config: GatewayConfig, state: dict[str, object], services: Services | None) -> web.Application:
+    middlewares = [keys.errors]
+    if services is not None:
+        middlewares.insert(0, admin_auth(services, config.admin.token))
+    app = web.Application(middlewares=middlewares)
     app[READY] = state
     routes = [app.router.add_get("/healthz", healthz), app.router.add_get("/readyz", readyz)]
+    if services is not None:
+        app[SERVICES] = services
+        app[keys.SERVICE] = services.keys
+        routes.append(app.router.add_get("/metrics", metrics))
+        routes.append(app.router.add_get("/admin/openapi.json", openapi))
+        routes += keys.add_routes(app)
     if config.admin.cors_origins:
         cors = aiohttp_cors.setup(
             app,
             defaults={
-                origin: aiohttp_cors.ResourceOptions(allow_headers=("Authorization", "Content-Type"))
+                origin: aiohttp_cors.ResourceOptions(
+                    allow_headers=("Authorization", "Content-Type"), allow_methods="*"
+                )
                 for origin in config.admin.cors_origins
             },
         )

@@ -26,13 +26,30 @@ class TLSListener(Strict):
 
 class AdminConfig(Strict):
     listen: HostPort = ("127.0.0.1", 8081)
-    token: str = Field("", description="bearer token for /admin/*; empty disables token auth")
+    token: str = Field(default="", description="bearer token for /admin/*; empty disables token auth")
     cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed on the admin API")
 
 
 class KeyQueryConfig(Strict):
     names: list[str] = Field(default_factory=lambda: ["api_key", "apikey"])
     policy: Literal["reject", "warn"] = "reject"
+
+
+class OldPepper(Strict):
+    version: int = Field(ge=1)
+    secret: str
+
+
+class IdentityConfig(Strict):
+    signing_key: str = Field(default="", description="HS256 key for X-Gateway-Identity; empty: not sent")
+    lifetime: Duration = Field(default=60.0, description="exp - iat of the signed identity")
+
+    @field_validator("lifetime")
+    @classmethod
+    def _lifetime(cls, v: float) -> float:
+        if not 0 < v <= 60:
+            raise ValueError("must be more than 0s and at most 60s")
+        return v
 
 
 class KeysConfig(Strict):
@@ -42,6 +59,20 @@ class KeysConfig(Strict):
     headers: list[str] = Field(default_factory=lambda: ["authorization", "x-api-key"])
     query: KeyQueryConfig = KeyQueryConfig()
     pepper: str = ""
+    pepper_version: int = Field(default=1, ge=1, description="version stored beside each digest")
+    old_peppers: list[OldPepper] = Field(default_factory=list, description="still accepted for lookups")
+    cache_ttl: Duration = Field(default=30.0, description="a verified key is re-read from the store after this")
+    negative_ttl: Duration = Field(default=5.0, description="an unknown key is remembered this long")
+    negative_cache_size: int = Field(default=100_000, ge=0)
+    max_stale: Duration = Field(default=300.0, description="with the store down, cached keys serve this long")
+    touch_interval: Duration = Field(default=10.0, description="how often last-used times are written")
+
+    @field_validator("cache_ttl")
+    @classmethod
+    def _cache_ttl(cls, v: float) -> float:
+        if v > 30:
+            raise ValueError("at most 30s: a revocation elsewhere must reach this process within it")
+        return v
 
     @field_validator("prefix")
     @classmethod
@@ -67,7 +98,7 @@ class KeysConfig(Strict):
 class RateLimitConfig(Strict):
     backend: str = "memory://"
     on_backend_error: Literal["local", "open", "closed"] = "local"
-    replicas: int = Field(1, ge=1)
+    replicas: int = Field(default=1, ge=1)
     timeout: Duration = 0.05
 
     @field_validator("backend")
@@ -81,19 +112,19 @@ class RateLimitConfig(Strict):
 class LimitsConfig(Strict):
     """Per-connection protection: sizes and deadlines on the proxy listener."""
 
-    max_header_bytes: Size = Field(32768, description="request line plus all header lines; over it: 431")
-    max_headers: int = Field(100, ge=1, le=10000, description="header lines in a request; over it: 431")
-    header_timeout: Duration = Field(10.0, description="from the first byte of a request to its last header")
-    body_timeout: Duration = Field(30.0, description="longest pause between two pieces of a request body: 408")
-    idle_timeout: Duration = Field(75.0, description="keep-alive: an idle client connection is closed after it")
-    max_pipelined: int = Field(32, ge=1, description="requests read ahead on one connection")
-    max_connections: int = Field(10000, ge=1, description="open client connections per worker")
+    max_header_bytes: Size = Field(default=32768, description="request line plus all header lines; over it: 431")
+    max_headers: int = Field(default=100, ge=1, le=10000, description="header lines in a request; over it: 431")
+    header_timeout: Duration = Field(default=10.0, description="from the first byte of a request to its last header")
+    body_timeout: Duration = Field(default=30.0, description="longest pause between two pieces of a request body: 408")
+    idle_timeout: Duration = Field(default=75.0, description="keep-alive: an idle client connection is closed after it")
+    max_pipelined: int = Field(default=32, ge=1, description="requests read ahead on one connection")
+    max_connections: int = Field(default=10000, ge=1, description="open client connections per worker")
 
 
 class Timeouts(Strict):
     connect: Duration = 5.0
-    read: Duration = Field(60.0, description="longest wait for the next byte of the upstream's response")
-    total: Duration | None = Field(None, description="whole exchange with the upstream; none by default")
+    read: Duration = Field(default=60.0, description="longest wait for the next byte of the upstream's response")
+    total: Duration | None = Field(default=None, description="whole exchange with the upstream; none by default")
 
 
 class CorsConfig(Strict):
@@ -123,9 +154,10 @@ class RouteConfig(Strict):
     scopes: dict[str, list[str]] | list[str] = Field(default_factory=list)
     ratelimit: list[str] = Field(default_factory=list)
     query_key_policy: Literal["reject", "warn"] | None = None
-    max_body: Size = Field(10 * 1024 * 1024, description="request body cap: 413 before any byte goes upstream")
+    env: Literal["live", "test"] | None = Field(default=None, description="accept only keys of this env")
+    max_body: Size = Field(default=10 * 1024 * 1024, description="request body cap: 413 before any byte goes upstream")
     timeouts: Timeouts = Timeouts()
-    upstream_ca: str | None = Field(None, description="CA bundle to verify https upstreams (default: system)")
+    upstream_ca: str | None = Field(default=None, description="CA bundle to verify https upstreams (default: system)")
     websocket: bool = False
     cors: CorsConfig | None = None
 
@@ -219,12 +251,13 @@ class GatewayConfig(Strict):
     store: str = "sqlite:///gateway.db"
     ratelimit: RateLimitConfig = RateLimitConfig()
     keys: KeysConfig = KeysConfig()
+    identity: IdentityConfig = IdentityConfig()
     trusted_proxies: list[Network] = Field(default_factory=list)
     headers_with_underscores: Literal["drop", "reject", "allow"] = "drop"
     limits: LimitsConfig = LimitsConfig()
     shutdown_timeout: Duration = 30.0
-    shutdown_delay: Duration = Field(0.0, description="readiness false this long before listeners close")
-    upstream_keepalive: int = Field(64, ge=0, description="idle upstream connections kept per upstream")
+    shutdown_delay: Duration = Field(default=0.0, description="readiness false this long before listeners close")
+    upstream_keepalive: int = Field(default=64, ge=0, description="idle upstream connections kept per upstream")
     upstream_idle_timeout: Duration = 60.0
     routes: Annotated[list[RouteConfig], Field(default_factory=list)]
 

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.http.upstream import UpstreamConnection
+    from gateway.keys.cache import CachedKey
     from gateway.routing import Route
 
 BODY_NONE = 0
@@ -24,6 +25,7 @@ class Exchange:
         "buffered",
         "client_ip",
         "content_length",
+        "credential_header",
         "done",
         "expect_continue",
         "has_connection_header",
@@ -35,6 +37,7 @@ class Exchange:
         "keep_alive",
         "method",
         "path",
+        "principal",
         "query",
         "request_id",
         "response_extra",
@@ -84,6 +87,8 @@ class Exchange:
         self.status = 0
         self.upstream_status = 0
         self.upstream: UpstreamConnection | None = None
+        self.principal: CachedKey | None = None
+        self.credential_header: bytes | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a (lower-case) header, or None."""

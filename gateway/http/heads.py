@@ -62,8 +62,9 @@ def request_head(
     else:
         lines.append(upstream.host_header)
     lines.append(b"\r\n")
+    credential = ex.credential_header
     for name, value in ex.headers:
-        if name in HOP_BY_HOP or name in drop or canonical_name(name) in RESERVED_REQUEST:
+        if name in HOP_BY_HOP or name in drop or name == credential or canonical_name(name) in RESERVED_REQUEST:
             continue
         lines += (name, b": ", value, b"\r\n")
     for name, value in extra:

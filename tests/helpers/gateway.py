@@ -10,7 +10,11 @@ from gateway.proxy import ProxyServer
 
 
 def make_config(routes: list[dict[str, Any]], **top: Any) -> GatewayConfig:
-    """A validated config listening on an ephemeral port; `top` sets any top-level field."""
+    """A validated config listening on an ephemeral port; `top` sets any top-level field.
+
+    Routes default to `auth: none` here: proxy-behaviour tests need no key store.
+    """
+    routes = [{"auth": "none", **r} for r in routes]
     data: dict[str, Any] = {"listen": "127.0.0.1:0", "routes": routes}
     data.update(top)
     return GatewayConfig.model_validate(data)

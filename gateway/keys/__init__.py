@@ -1,0 +1,1 @@
+"""API keys: their format, digest, model and cache."""

@@ -1,0 +1,293 @@
+"""Key management, shared by the CLI and the admin API: validate, change, audit, evict from the cache.
+
+Every input is validated before anything is written, and each change is stored together with its
+audit entry in one transaction, so a refused or failed call leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+from datetime import datetime, timedelta
+
+from gateway.clock import Clock
+from gateway.config.units import parse_duration, parse_network, parse_rate
+from gateway.keys.cache import KeyCache
+from gateway.keys.digest import Peppers
+from gateway.keys.format import ALPHABET, ENVS, generate, hint
+from gateway.keys.model import AuditEntry, KeyRecord
+from gateway.store.base import KeyStore
+
+_OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:+-]{0,127}$")
+_SCOPE = re.compile(r"^(\*|[a-z0-9][a-z0-9_.-]*(:([a-z0-9][a-z0-9_.-]*|\*))*)$")
+_KEY_ID = re.compile(r"^key_[0-9A-Za-z]{20}$")
+
+
+class InvalidInput(ValueError):
+    """A bad value from a user: `field` names what was wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class KeyNotFound(LookupError):
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"no key with id {key_id!r}")
+        self.key_id = key_id
+
+
+class Conflict(ValueError):
+    """The change is not possible in the key's current state (rotating a revoked key, say)."""
+
+
+def new_key_id() -> str:
+    return "key_" + "".join(secrets.choice(ALPHABET) for _ in range(20))
+
+
+def check_owner(owner: str) -> str:
+    if not isinstance(owner, str) or not _OWNER.match(owner):
+        raise InvalidInput("owner", "1-128 characters: letters, digits and _ . @ : + -, starting with a letter or digit")
+    return owner
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or len(name) > 128 or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise InvalidInput("name", "at most 128 printable characters")
+    return name
+
+
+def check_env(env: str) -> str:
+    if env not in ENVS:
+        raise InvalidInput("env", f"must be one of: {', '.join(ENVS)}")
+    return env
+
+
+def check_scopes(scopes: list[str]) -> list[str]:
+    if not isinstance(scopes, list):
+        raise InvalidInput("scopes", "must be a list")
+    for s in scopes:
+        if not isinstance(s, str) or not _SCOPE.match(s):
+            raise InvalidInput("scopes", f"{s!r} is not a scope (like orders:read, orders:* or *)")
+    return list(dict.fromkeys(scopes))
+
+
+def check_ips(ips: list[str]) -> list[str]:
+    if not isinstance(ips, list):
+        raise InvalidInput("allow_ips", "must be a list")
+    out = []
+    for ip in ips:
+        try:
+            out.append(str(parse_network(ip)))
+        except ValueError as e:
+            raise InvalidInput("allow_ips", str(e)) from None
+    return list(dict.fromkeys(out))
+
+
+def check_limits(limits: list[str]) -> list[str]:
+    if not isinstance(limits, list):
+        raise InvalidInput("limits", "must be a list")
+    for lim in limits:
+        try:
+            parse_rate(lim)
+        except ValueError as e:
+            raise InvalidInput("limits", str(e)) from None
+    return list(limits)
+
+
+def check_duration(field: str, value: str) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as e:
+        raise InvalidInput(field, str(e)) from None
+    if seconds <= 0:
+        raise InvalidInput(field, "must be longer than zero")
+    return seconds
+
+
+def check_key_id(key_id: str) -> str:
+    if not isinstance(key_id, str) or not _KEY_ID.match(key_id):
+        raise KeyNotFound(str(key_id)[:64])
+    return key_id
+
+
+class KeyService:
+    def __init__(
+        self,
+        store: KeyStore,
+        peppers: Peppers,
+        prefix: str,
+        clock: Clock,
+        default_ttl: float | None,
+        cache: KeyCache | None = None,
+    ) -> None:
+        self.store = store
+        self.peppers = peppers
+        self.prefix = prefix
+        self.clock = clock
+        self.default_ttl = default_ttl
+        self.cache = cache
+
+    def _expiry(self, ttl: str | None, no_expiry: bool) -> datetime | None:
+        if no_expiry:
+            return None
+        seconds = check_duration("ttl", ttl) if ttl is not None else self.default_ttl
+        return self.clock.now() + timedelta(seconds=seconds) if seconds else None
+
+    def _mint(self, env: str) -> tuple[str, bytes]:
+        raw = generate(self.prefix, env)
+        return raw, self.peppers.current.digest(raw.encode())
+
+    async def create(
+        self,
+        owner: str,
+        *,
+        name: str = "",
+        env: str = "live",
+        scopes: list[str] | None = None,
+        allow_ips: list[str] | None = None,
+        limits: list[str] | None = None,
+        ttl: str | None = None,
+        no_expiry: bool = False,
+        actor: str = "cli",
+        source_ip: str = "",
+    ) -> tuple[KeyRecord, str]:
+        """Create a key; the raw key is returned this once and is never stored."""
+        record = KeyRecord(
+            id=new_key_id(),
+            owner=check_owner(owner),
+            name=check_name(name),
+            env=check_env(env),
+            digest=b"",
+            pepper_version=self.peppers.current.version,
+            hint="",
+            scopes=check_scopes(scopes or []),
+            allow_ips=check_ips(allow_ips or []),
+            limits=check_limits(limits or []),
+            created_at=self.clock.now(),
+            expires_at=self._expiry(ttl, no_expiry),
+        )
+        raw, record.digest = self._mint(env)
+        record.hint = hint(raw)
+        change = {k: v for k, v in record.public().items() if k in ("owner", "name", "env", "scopes", "allow_ips", "limits", "expires_at")}
+        await self.store.insert_key(record, AuditEntry("create", actor, source_ip, record.id, change, at=record.created_at))
+        return record, raw
+
+    async def get(self, key_id: str) -> KeyRecord:
+        record = await self.store.get_key(check_key_id(key_id))
+        if record is None:
+            raise KeyNotFound(key_id)
+        return record
+
+    async def list(self, owner: str | None = None) -> list[KeyRecord]:
+        return await self.store.list_keys(owner)
+
+    async def update(
+        self,
+        key_id: str,
+        *,
+        name: str | None = None,
+        scopes: list[str] | None = None,
+        allow_ips: list[str] | None = None,
+        limits: list[str] | None = None,
+        ttl: str | None = None,
+        no_expiry: bool = False,
+        actor: str = "cli",
+        source_ip: str = "",
+    ) -> KeyRecord:
+        """Replace each list given; `ttl` restarts the expiry from now."""
+        values: dict[str, object] = {}
+        if name is not None:
+            values["name"] = check_name(name)
+        if scopes is not None:
+            values["scopes"] = check_scopes(scopes)
+        if allow_ips is not None:
+            values["allow_ips"] = check_ips(allow_ips)
+        if limits is not None:
+            values["limits"] = check_limits(limits)
+        if ttl is not None or no_expiry:
+            values["expires_at"] = self._expiry(ttl, no_expiry)
+        record = await self.get(key_id)
+        if record.status == "revoked":
+            raise Conflict("a revoked key cannot be changed")
+        before = record.public()
+        for field, value in values.items():
+            setattr(record, field, value)
+        after = record.public()
+        change = {k: {"from": before[k], "to": after[k]} for k in after if before[k] != after[k]}
+        await self.store.update_key(record, AuditEntry("update", actor, source_ip, record.id, change, at=self.clock.now()))
+        self._evict(record.id)
+        return record
+
+    async def revoke(self, key_id: str, *, reason: str = "", actor: str = "cli", source_ip: str = "") -> KeyRecord:
+        """The kill switch: refused from the next request on in this process."""
+        if len(reason) > 500:
+            raise InvalidInput("reason", "at most 500 characters")
+        record = await self.get(key_id)
+        if record.status == "revoked":
+            return record
+        record.status = "revoked"
+        record.revoked_at = self.clock.now()
+        record.revoke_reason = reason or None
+        audit = AuditEntry("revoke", actor, source_ip, record.id, {"reason": reason}, at=record.revoked_at)
+        await self.store.update_key(record, audit)
+        self._evict(record.id)
+        return record
+
+    async def rotate(
+        self, key_id: str, *, grace: str = "24h", actor: str = "cli", source_ip: str = ""
+    ) -> tuple[KeyRecord, str, KeyRecord]:
+        """Issue a successor; the old key works until the grace ends, never past its own expiry."""
+        grace_seconds = parse_grace(grace)
+        old = await self.get(key_id)
+        if old.status == "revoked":
+            raise Conflict("a revoked key cannot be rotated")
+        if old.rotated_to:
+            raise Conflict(f"this key was already rotated to {old.rotated_to}; rotate that one")
+        now = self.clock.now()
+        new = KeyRecord(
+            id=new_key_id(),
+            owner=old.owner,
+            name=old.name,
+            env=old.env,
+            digest=b"",
+            pepper_version=self.peppers.current.version,
+            hint="",
+            scopes=list(old.scopes),
+            allow_ips=list(old.allow_ips),
+            limits=list(old.limits),
+            created_at=now,
+            expires_at=now + timedelta(seconds=self.default_ttl) if self.default_ttl and old.expires_at else None,
+            rotated_from=old.id,
+        )
+        raw, new.digest = self._mint(old.env)
+        new.hint = hint(raw)
+        old.rotated_to = new.id
+        old.grace_until = now + timedelta(seconds=grace_seconds)
+        change = {"successor": new.id, "grace_until": old.public()["expires_at"]}
+        await self.store.rotate(old, new, AuditEntry("rotate", actor, source_ip, old.id, change, at=now))
+        self._evict(old.id)
+        return new, raw, old
+
+    async def audit(self, since: str | None = None, key_id: str | None = None, limit: int = 1000) -> list[AuditEntry]:
+        start = self.clock.now() - timedelta(seconds=check_duration("since", since)) if since else None
+        return await self.store.list_audit(since=start, key_id=key_id, limit=limit)
+
+    def _evict(self, key_id: str) -> None:
+        if self.cache is not None:
+            self.cache.invalidate(key_id)
+
+
+def parse_grace(grace: str) -> float:
+    if grace in ("0", "0s", "none"):
+        return 0.0
+    return check_duration("grace", grace)
+
+
+def normalise_ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text[:64]

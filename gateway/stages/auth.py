@@ -1,0 +1,180 @@
+"""Authentication: find the key in the request, check its format without I/O, then cache → store.
+
+Unknown, malformed and revoked keys get the same answer (`invalid_api_key`), so the answer tells
+an attacker nothing about which keys exist. Only an expired key is told so: its holder needs to
+know to renew, and the key was real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from urllib.parse import unquote_to_bytes
+
+from gateway.clock import Clock
+from gateway.errors import GatewayError
+from gateway.http.exchange import Exchange
+from gateway.keys.cache import CachedKey, KeyCache
+from gateway.keys.digest import Peppers
+from gateway.keys.format import KeyFormat
+from gateway.metrics import Metrics
+from gateway.store.base import StoreUnavailable
+
+QUERY_WARNING = b'api-key-in-query; send the key in the Authorization or X-API-Key header instead'
+
+
+def _invalid() -> GatewayError:
+    return GatewayError("invalid_api_key", "the API key is not valid")
+
+
+class KeyAuth:
+    """What every route's authentication stage shares: format, peppers, cache, last-use buffer."""
+
+    def __init__(
+        self,
+        fmt: KeyFormat,
+        peppers: Peppers,
+        cache: KeyCache,
+        clock: Clock,
+        metrics: Metrics,
+        headers: list[str],
+        query_names: list[str],
+        warn_before: float,
+    ) -> None:
+        self.fmt = fmt
+        self.peppers = peppers
+        self.cache = cache
+        self.clock = clock
+        self.metrics = metrics
+        self.headers = frozenset(h.encode() for h in headers)
+        self.query_names = frozenset(n.encode() for n in query_names)
+        self.query_needles = tuple(n.encode() + b"=" for n in query_names)
+        self.warn_before = warn_before
+        self.last_used: dict[str, float] = {}
+
+    def reject(self, reason: str, err: GatewayError) -> GatewayError:
+        self.metrics.auth_rejected(reason)
+        return err
+
+    def admit(self, ex: Exchange, entry: CachedKey, now: float) -> None:
+        """Status and expiry of a found key; on success the request carries it as its principal."""
+        record = entry.record
+        if record.status != "active":
+            raise self.reject("revoked", _invalid())
+        if entry.expiry <= now:
+            raise self.reject("expired", GatewayError("expired_api_key", "the API key has expired; renew it"))
+        ex.principal = entry
+        self.last_used[record.id] = now
+        if entry.rotating:
+            self.metrics.rotated_key_requests.inc()
+            ex.response_extra.append((b"Sunset", entry.sunset or b""))
+        elif entry.sunset is not None and entry.expiry - now <= self.warn_before:
+            ex.response_extra.append((b"Sunset", entry.sunset))
+
+    def verify(self, key: bytes) -> CachedKey | None | Awaitable[CachedKey | None]:
+        """Check a raw key as sent; None for a malformed or known-unknown key, else the entry or a lookup."""
+        if self.fmt.env_of(key) is None:
+            return None
+        digest = self.peppers.current.digest(key)
+        now = self.clock.time()
+        entry = self.cache.fresh(digest, now)
+        if entry is not None:
+            self.metrics.cache("hit")
+            return entry
+        if self.cache.known_unknown(digest, now):
+            self.metrics.cache("negative")
+            return None
+        self.metrics.cache("miss")
+        return self.cache.lookup(key, digest)
+
+
+class AuthStage:
+    """Per route: `auth: required | optional`, with the route's query-string policy."""
+
+    def __init__(self, auth: KeyAuth, mode: str, query_policy: str, route: str) -> None:
+        self.auth = auth
+        self.required = mode == "required"
+        self.query_policy = query_policy
+        self.route = route
+        self._query_warned = auth.metrics.query_key.labels(route, "warned")
+        self._query_rejected = auth.metrics.query_key.labels(route, "rejected")
+
+    def __call__(self, ex: Exchange) -> Awaitable[None] | None:
+        key = self._extract(ex)
+        auth = self.auth
+        if key is None:
+            if self.required:
+                raise auth.reject("missing", GatewayError("missing_api_key", "this route needs an API key"))
+            return None
+        found = auth.verify(key)
+        if found is None:
+            raise auth.reject("invalid", _invalid())
+        if isinstance(found, CachedKey):
+            auth.admit(ex, found, auth.clock.time())
+            return None
+        return self._finish(ex, found)
+
+    async def _finish(self, ex: Exchange, pending: Awaitable[CachedKey | None]) -> None:
+        try:
+            entry = await pending
+        except StoreUnavailable:
+            raise self.auth.reject(
+                "store_unavailable",
+                GatewayError("service_unavailable", "keys cannot be checked right now; try again shortly"),
+            ) from None
+        if entry is None:
+            raise self.auth.reject("invalid", _invalid())
+        self.auth.admit(ex, entry, self.auth.clock.time())
+
+    def _extract(self, ex: Exchange) -> bytes | None:
+        """The one key in the request; two keys, or one header given twice, is a 400."""
+        auth = self.auth
+        found: bytes | None = None
+        source: bytes | None = None
+        for name, value in ex.headers:
+            if name not in auth.headers:
+                continue
+            if name == b"authorization":
+                scheme, _, cred = value.strip().partition(b" ")
+                if scheme.lower() != b"bearer":
+                    continue  # Basic and other schemes are not ours to read
+                value = cred
+            value = value.strip()
+            if found is not None:
+                raise auth.reject(
+                    "ambiguous", GatewayError("multiple_api_keys", "send exactly one API key, in one header")
+                )
+            found, source = value, name
+        ex.credential_header = source
+        if ex.query and any(n in ex.query for n in auth.query_needles):
+            found = self._from_query(ex, found)
+        return found
+
+    def _from_query(self, ex: Exchange, header_key: bytes | None) -> bytes | None:
+        kept: list[bytes] = []
+        keys: list[bytes] = []
+        for part in ex.query.split(b"&"):
+            name, _, value = part.partition(b"=")
+            if unquote_to_bytes(name) in self.auth.query_names:
+                keys.append(unquote_to_bytes(value))
+            else:
+                kept.append(part)
+        if not keys:
+            return header_key
+        if self.query_policy == "reject":
+            self._query_rejected.inc()
+            raise self.auth.reject(
+                "query",
+                GatewayError(
+                    "api_key_in_query",
+                    "API keys are not accepted in the URL, where logs and proxies keep them; "
+                    "send it in the Authorization: Bearer or X-API-Key header",
+                ),
+            )
+        if len(keys) > 1 or (header_key is not None and keys[0] != header_key):
+            raise self.auth.reject(
+                "ambiguous", GatewayError("multiple_api_keys", "send exactly one API key, in one header")
+            )
+        self._query_warned.inc()
+        ex.query = b"&".join(kept)
+        ex.response_extra.append((b"X-Gateway-Warning", QUERY_WARNING))
+        return keys[0]

@@ -1,0 +1,68 @@
+"""The KeyStore interface. Every implementation passes the same contract tests (tests/store/)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from datetime import datetime
+
+from gateway.keys.model import AuditEntry, KeyRecord
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached or did not answer; callers decide whether stale data may serve."""
+
+
+class KeyStore(ABC):
+    """Keys by digest and id, and the audit trail. Every write that changes a key is one transaction
+    together with its audit entry: either both are stored or neither is."""
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def migrate(self) -> list[str]:
+        """Apply the plain-SQL migrations not yet applied, in order; return their names."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+
+    @abstractmethod
+    async def find_by_digests(self, digests: list[bytes]) -> KeyRecord | None:
+        """The key whose stored digest is one of these (one per pepper version), or None."""
+
+    @abstractmethod
+    async def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    @abstractmethod
+    async def list_keys(self, owner: str | None = None) -> list[KeyRecord]:
+        """Keys ordered by creation time, oldest first."""
+
+    @abstractmethod
+    async def insert_key(self, record: KeyRecord, audit: AuditEntry) -> None:
+        """Store a new key and its audit entry; ValueError if the id or digest exists."""
+
+    @abstractmethod
+    async def update_key(self, record: KeyRecord, audit: AuditEntry | None) -> None:
+        """Write every mutable field of an existing key (and the audit entry, if any); KeyError if absent."""
+
+    @abstractmethod
+    async def rotate(self, old: KeyRecord, new: KeyRecord, audit: AuditEntry) -> None:
+        """Insert the successor and update the old key in one transaction."""
+
+    @abstractmethod
+    async def touch(self, last_used: dict[str, datetime]) -> None:
+        """Record last use per key id, batched; a stored later time is never moved back."""
+
+    @abstractmethod
+    async def add_audit(self, entry: AuditEntry) -> None: ...
+
+    @abstractmethod
+    async def list_audit(
+        self, since: datetime | None = None, key_id: str | None = None, limit: int = 1000
+    ) -> list[AuditEntry]:
+        """Entries newest first."""
