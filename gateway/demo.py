@@ -40,18 +40,32 @@ async def _demo(config: GatewayConfig, upstream_port: int) -> int:
     serving = asyncio.ensure_future(gw.serve())
     while not gw.state["ready"] and not serving.done():
         await asyncio.sleep(0.05)
+    if serving.done():
+        return await serving
     host, port = config.listen
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}"
-    print("\nThe gateway is running in front of a demo echo API.\n")
+    scopes = sorted({s for r in config.routes for s in _scopes(r.scopes)})
+    assert gw.services is not None
+    record, raw = await gw.services.keys.create(
+        "demo", name="demo key", scopes=scopes, ttl="1d", actor="demo", source_ip="local"
+    )
+    print("\nThe gateway is running in front of a demo echo API.")
+    print(f"\nA demo key (id {record.id}, scopes: {' '.join(scopes) or '-'}), shown this once:\n\n  {raw}\n")
     for route in config.routes:
-        print(f"  curl -i {base}{route.path}/hello")
+        print(f'  curl -i -H "Authorization: Bearer {raw}" {base}{route.path}/hello')
+        print(f"  curl -i -X POST -H 'X-API-Key: {raw}' --data 'hi' {base}{route.path}/hello")
+        print(f"  curl -i {base}{route.path}/hello        # no key: 401")
     ahost, aport = config.admin.listen
     print(f"  curl -i http://{ahost}:{aport}/readyz\n\nCtrl-C stops it.", flush=True)
     try:
         return await serving
     finally:
         await upstream.cleanup()
+
+
+def _scopes(spec: dict[str, list[str]] | list[str]) -> list[str]:
+    return [s for v in spec.values() for s in v] if isinstance(spec, dict) else list(spec)
 
 
 def run_demo(config: GatewayConfig, upstream_port: int = 9901) -> int:
