@@ -1,0 +1,105 @@
+"""Suite-wide fixtures: the services `make test` starts, and an httpbin upstream.
+
+PostgreSQL and Redis come from scripts/test-services.sh through GATEWAY_TEST_* variables. Without
+them the tests that need them are skipped, except under `make test` or CI, where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# `from tests.helpers... import ...` works from every test folder, whichever way pytest is started.
+_REPO = str(Path(__file__).resolve().parent.parent)
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from tests.helpers.net import free_port  # noqa: E402
+
+HTTPBIN_START_TIMEOUT = 30.0
+
+
+def _service_url(variable: str, service: str) -> str:
+    url = os.environ.get(variable, "").strip()
+    if url:
+        return url
+    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    if os.environ.get("GATEWAY_TEST_SERVICES") == "1" or ci:
+        pytest.fail(
+            f"{variable} is not set, so the tests that need {service} cannot run; "
+            f"`make test` (scripts/test-services.sh) starts {service} and sets it",
+            pytrace=False,
+        )
+    pytest.skip(f"run through `make test` to get {service}")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """postgresql://… of an empty throwaway database `gateway_test`."""
+    return _service_url("GATEWAY_TEST_PG_URL", "PostgreSQL")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """redis://… of a throwaway Redis (database 0)."""
+    return _service_url("GATEWAY_TEST_REDIS_URL", "Redis")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _start_httpbin(log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    for _attempt in range(3):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-w", "2", "-k", "sync"]
+        argv += ["--graceful-timeout", "5", "httpbin:app"]
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + HTTPBIN_START_TIMEOUT
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _answers(f"{url}/get"):
+                return proc, url
+            time.sleep(0.1)
+        _stop(proc)
+        if time.monotonic() >= deadline:
+            break  # too slow, not a port taken in between: another try would not help
+    log_tail = log_path.read_text(errors="replace")[-3000:]
+    pytest.fail(f"httpbin did not start; its log:\n{log_tail}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def httpbin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of httpbin served by gunicorn on 127.0.0.1, for the whole session."""
+    proc, url = _start_httpbin(tmp_path_factory.mktemp("httpbin") / "gunicorn.log")
+    try:
+        yield url
+    finally:
+        _stop(proc)
