@@ -160,7 +160,7 @@ async def _supervisor_loop(config: GatewayConfig, children: list[int]) -> int:
     async def reap() -> None:
         while alive:
             for pid in list(alive):
-                done, status = os.waitpid(pid, os.WNOHANG)
+                done, status = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks
                 if done:
                     alive.discard(pid)
                     if not stopping.is_set():

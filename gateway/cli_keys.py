@@ -62,7 +62,7 @@ async def _create(s: Services, a: argparse.Namespace) -> int:
 
 
 async def _list(s: Services, a: argparse.Namespace) -> int:
-    records = await s.keys.list(a.owner)
+    records = await s.keys.list_keys(a.owner)
     if a.json:
         print(json.dumps([r.public() for r in records]))
         return 0

@@ -38,7 +38,7 @@ async def _demo(config: GatewayConfig, upstream_port: int) -> int:
     upstream = await start_echo("127.0.0.1", upstream_port)
     gw = Gateway(config)
     serving = asyncio.ensure_future(gw.serve())
-    while not gw.state["ready"] and not serving.done():
+    while not gw.state["ready"] and not serving.done():  # noqa: ASYNC110 - readiness is a plain flag
         await asyncio.sleep(0.05)
     if serving.done():
         return await serving

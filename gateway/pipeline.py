@@ -65,7 +65,7 @@ class Pipeline:
         target = ex.target
         if not target.startswith(b"/"):
             raise GatewayError("bad_request", "the request target must be a path starting with '/'", close=True)
-        path, sep, query = target.partition(b"?")
+        path, _sep, query = target.partition(b"?")
         if b"#" in query:
             raise GatewayError("invalid_path", "the request target contains a fragment ('#')")
         try:

@@ -16,10 +16,10 @@ from gateway.http.server import ClientConnection
 from gateway.http.upstream import UpstreamPool
 from gateway.pipeline import Pipeline, Stage
 from gateway.routing import Route, Router, compile_route
-from gateway.stages.client_ip import ClientIP, normalise
 from gateway.services import Services
 from gateway.stages.auth import AuthStage
 from gateway.stages.authorize import EnvStage, IPAllowStage, ScopeStage
+from gateway.stages.client_ip import ClientIP, normalise
 from gateway.stages.cors import Cors
 from gateway.stages.identity import IdentityStage
 from gateway.tasks import Tasks
@@ -156,7 +156,7 @@ class ProxyServer:
             if conn.active is None and not conn.queue and conn.current is None:
                 conn._close()
         deadline = self.loop.time() + timeout
-        while self.connections and self.loop.time() < deadline:
+        while self.connections and self.loop.time() < deadline:  # noqa: ASYNC110 - connections end on their own
             await asyncio.sleep(0.05)
         clean = not self.connections
         for conn in list(self.connections):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import aiohttp_cors
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.admin import keys
@@ -37,7 +38,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def build_admin_app(config: GatewayConfig, state: dict[str, object], services: Services | None) -> web.Application:
-    middlewares = [keys.errors]
+    middlewares: list[Middleware] = [keys.errors]
     if services is not None:
         middlewares.insert(0, admin_auth(services, config.admin.token))
     app = web.Application(middlewares=middlewares)
@@ -53,7 +54,7 @@ def build_admin_app(config: GatewayConfig, state: dict[str, object], services: S
         cors = aiohttp_cors.setup(
             app,
             defaults={
-                origin: aiohttp_cors.ResourceOptions(
+                origin: aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
                     allow_headers=("Authorization", "Content-Type"), allow_methods="*"
                 )
                 for origin in config.admin.cors_origins

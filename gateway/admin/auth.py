@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -32,7 +33,9 @@ def problem(status: int, code: str, detail: str, headers: dict[str, str] | None 
     )
 
 
-def admin_auth(services: Services, token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def admin_auth(
+    services: Services, token: str
+) -> Callable[[web.Request, Handler], Coroutine[Any, Any, web.StreamResponse]]:
     expected = token.encode()
 
     @web.middleware

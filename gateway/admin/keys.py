@@ -76,7 +76,7 @@ async def create_key(request: web.Request) -> web.Response:
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    records = await request.app[SERVICE].list(request.query.get("owner"))
+    records = await request.app[SERVICE].list_keys(request.query.get("owner"))
     return web.json_response({"keys": [r.public() for r in records]})
 
 

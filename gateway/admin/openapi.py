@@ -21,7 +21,7 @@ _KEY = {
 }
 _KEY_WITH_SECRET = {"allOf": [{"$ref": "#/components/schemas/Key"},
                               {"type": "object", "properties": {"key": {"type": "string", "description": "shown once"}}}]}
-_CHANGES = {
+_CHANGES: dict[str, Any] = {
     "type": "object", "additionalProperties": False,
     "properties": {
         "name": {"type": "string"}, "scopes": _STR_LIST, "allow_ips": _STR_LIST, "limits": _STR_LIST,

@@ -33,7 +33,6 @@ class Exchange:
         "host",
         "host_count",
         "host_raw",
-        "upstream_extra",
         "keep_alive",
         "method",
         "path",
@@ -49,6 +48,7 @@ class Exchange:
         "target",
         "upgrade",
         "upstream",
+        "upstream_extra",
         "upstream_status",
         "version",
         "xff",
@@ -74,7 +74,7 @@ class Exchange:
         self.body_complete = False
         self.body_chunks: list[bytes] | None = None
         self.buffered = 0
-        self.expect_continue = False
+        self.expect_continue = 0  # 0 none, 1 "100-continue", 2 anything else
         self.upgrade = False
         self.route: Route | None = None
         self.client_ip = ""

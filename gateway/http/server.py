@@ -60,6 +60,8 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.head_bytes = 0
         self.header_count = 0
+        self.head_raw = 0
+        self.begun = 0
         self.in_body = False
         self.deadline = INF
         self.deadline_kind = 0
@@ -113,6 +115,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.stop_parsing:
             return
+        begun, between = self.begun, self.current is None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -126,6 +129,21 @@ class ClientConnection(asyncio.Protocol):
             self._parse_failed(err)
         except httptools.HttpParserError as e:
             self._parse_failed(GatewayError("bad_request", f"malformed HTTP request ({_parser_reason(e)})", close=True))
+        else:
+            if self.in_body or self.current is None or self.stop_parsing:
+                return
+            # A head is still open. httptools holds a header line until it ends, out of the callbacks'
+            # sight, so count the raw bytes too: all of this read if the head began before it (or it
+            # began between messages); a head that began after another message ended here is
+            # under-counted by at most this one read.
+            if self.begun == begun:
+                self.head_raw += len(data)
+            elif between and self.begun == begun + 1:
+                self.head_raw = len(data)
+            if self.head_raw > self.server.max_header_bytes:
+                self._parse_failed(
+                    GatewayError("headers_too_large", "the request's header section is too large", close=True)
+                )
 
     def _refuse(self, err: GatewayError) -> None:
         self.pending_error = err
@@ -149,7 +167,8 @@ class ClientConnection(asyncio.Protocol):
         if self.stop_parsing:
             return
         self.current = Exchange(self.loop.time())
-        self.head_bytes = self.header_count = 0
+        self.head_bytes = self.header_count = self.head_raw = 0
+        self.begun += 1
         self.in_body = False
         if self.active is None and not self.queue:
             self.deadline = self.loop.time() + self.server.header_timeout
@@ -189,6 +208,11 @@ class ClientConnection(asyncio.Protocol):
             ex.body_kind = BODY_LENGTH
             ex.content_length = int(value)
         elif name == b"transfer-encoding":
+            # llhttp runs on_headers_complete before it rejects some codings (`xchunked`) and accepts
+            # others (`,chunked`, `gzip, chunked`, two lines): only one plain `chunked` is framing we
+            # can re-send faithfully, so refuse the rest before the head could be forwarded.
+            if ex.body_kind == BODY_CHUNKED or value.strip().lower() != b"chunked":
+                self._refuse(GatewayError("bad_request", "only 'Transfer-Encoding: chunked' is accepted", close=True))
             ex.body_kind = BODY_CHUNKED
         elif name == b"connection":
             ex.has_connection_header = True
@@ -202,7 +226,10 @@ class ClientConnection(asyncio.Protocol):
         self.in_body = True
         p = self.parser
         ex.method = p.get_method().decode("ascii")
-        if p.get_http_version() != "1.1":
+        version = p.get_http_version()
+        if version != "1.1":
+            if version != "1.0":  # llhttp accepts any digit pair: HTTP/2.0, HTTP/0.9, HTTP/1.2
+                self._refuse(GatewayError("bad_request", "only HTTP/1.1 and HTTP/1.0 are served", close=True))
             ex.version = b"1.0"
         ex.keep_alive = p.should_keep_alive()
         ex.upgrade = p.should_upgrade()
@@ -213,11 +240,11 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.deadline = self.loop.time() + self.server.body_timeout
             self.deadline_kind = D_BODY
-        if len(self.queue) >= self.server.max_pipelined:
+        if len(self.queue) + (self.active is not None) >= self.server.max_pipelined:
             # Read no further: answer what is queued, then close.
             self.stop_parsing = True
             self.current = None
-            self.queue[-1].keep_alive = False
+            (self.queue[-1] if self.queue else self.active).keep_alive = False  # type: ignore[union-attr]
             return
         self.queue.append(ex)
         if self.active is None:
@@ -445,6 +472,16 @@ class ClientConnection(asyncio.Protocol):
         if not ex.keep_alive or not ex.body_complete or (self.server.draining and not self.queue):
             self._close()
             return
+        cur = self.current
+        if cur is not None:
+            # A pipelined request still arriving: a deadline that passed while this exchange ran was
+            # dropped, so arm it again (a head counts from its first byte, a body gets a fresh pause).
+            if self.in_body:
+                self.deadline = self.loop.time() + self.server.body_timeout
+                self.deadline_kind = D_BODY
+            else:
+                self.deadline = cur.started + self.server.header_timeout
+                self.deadline_kind = D_HEADER
         if self.queue:
             self.loop.call_soon(self._start_next)
             return
@@ -454,7 +491,7 @@ class ClientConnection(asyncio.Protocol):
         if self.stop_parsing:
             self._close()
             return
-        if self.current is None:
+        if cur is None:
             self.deadline = self.loop.time() + self.server.idle_timeout
             self.deadline_kind = D_IDLE
 
@@ -547,13 +584,12 @@ class ClientConnection(asyncio.Protocol):
             self.stop_parsing = True
             self._reject(self.active, GatewayError("request_timeout", "the request body stalled", close=True))
             self._close()
-        elif kind in (D_HEADER, D_BODY, D_IDLE, D_LINGER):
-            if self.active is None:
-                self.closing = True
-                if kind == D_LINGER:
-                    self.transport.abort()
-                else:
-                    self.transport.close()
+        elif kind in (D_HEADER, D_BODY, D_IDLE, D_LINGER) and self.active is None:
+            self.closing = True
+            if kind == D_LINGER:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     # --- flow control -----------------------------------------------------------------------
     def _pause(self, bit: int) -> None:

@@ -216,6 +216,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if ex is None or client is None:
             return
+        if ex.upgrade and self.parser.get_status_code() == 101:
+            return  # llhttp ends the 101 "message" before reporting the upgrade: the tunnel starts there
         self.ex = self.client = None
         self._finish(ex, client)
 
@@ -302,6 +304,10 @@ class UpstreamPool:
             conn.close()
             return
         conn.deadline = self.loop.time() + self.idle_timeout
+        if conn.transport is not None:
+            # A slow client may have paused it as the last bytes went out; an idle connection reads
+            # (to see the upstream close it), and the next exchange must hear its answer.
+            conn.transport.resume_reading()
         conns.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:

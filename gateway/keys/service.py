@@ -181,7 +181,7 @@ class KeyService:
             raise KeyNotFound(key_id)
         return record
 
-    async def list(self, owner: str | None = None) -> list[KeyRecord]:
+    async def list_keys(self, owner: str | None = None) -> list[KeyRecord]:
         return await self.store.list_keys(owner)
 
     async def update(
@@ -216,7 +216,7 @@ class KeyService:
         for field, value in values.items():
             setattr(record, field, value)
         after = record.public()
-        change = {k: {"from": before[k], "to": after[k]} for k in after if before[k] != after[k]}
+        change: dict[str, object] = {k: {"from": before[k], "to": after[k]} for k in after if before[k] != after[k]}
         await self.store.update_key(record, AuditEntry("update", actor, source_ip, record.id, change, at=self.clock.now()))
         self._evict(record.id)
         return record

@@ -70,7 +70,7 @@ class KeyAuth:
         elif entry.sunset is not None and entry.expiry - now <= self.warn_before:
             ex.response_extra.append((b"Sunset", entry.sunset))
 
-    def verify(self, key: bytes) -> CachedKey | None | Awaitable[CachedKey | None]:
+    def verify(self, key: bytes) -> CachedKey | Awaitable[CachedKey | None] | None:
         """Check a raw key as sent; None for a malformed or known-unknown key, else the entry or a lookup."""
         if self.fmt.env_of(key) is None:
             return None

@@ -1,0 +1,357 @@
+"""Read gateway.yaml: parse with line numbers, substitute ${VAR}, validate, and report every problem.
+
+Problems come back as `FILE:LINE: dotted.path: problem` lines, sorted by line. YAML anchors, aliases
+and merge keys are refused (each use is reported): a config is read by people, so copies are explicit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from gateway.config.schema import GatewayConfig
+
+Loc = tuple[str | int, ...]
+
+_TAG = "tag:yaml.org,2002:"
+_TYPED_TAGS = {_TAG + t for t in ("null", "bool", "int", "float")}
+# `$${` is a literal `${`; `${NAME}` or `${NAME:-default}`; any other `${` is malformed.
+_REF = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
+_RESOLVER: Any = yaml.resolver.Resolver()
+_LISTS = (list, tuple, set, frozenset)
+_MESSAGES = {
+    "missing": "required field is missing",
+    "string_type": "expected a string",
+    **dict.fromkeys(("int_type", "int_parsing", "int_from_float"), "expected an integer"),
+    **dict.fromkeys(("bool_type", "bool_parsing"), "expected a boolean"),
+    **dict.fromkeys(("float_type", "float_parsing"), "expected a number"),
+    **dict.fromkeys(("list_type", "tuple_type", "set_type"), "expected a list"),
+    **dict.fromkeys(("dict_type", "model_type", "model_attributes_type"), "expected a mapping"),
+}
+_BOUNDS = {"greater_than_equal": ("at least", "ge"), "less_than_equal": ("at most", "le"),
+           "greater_than": ("greater than", "gt"), "less_than": ("less than", "lt")}
+
+
+class ConfigError(Exception):
+    """The config cannot be used; `.errors` holds one `FILE:LINE: path: problem` line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class _Alias(yaml.ScalarNode):
+    """Stands in for an alias (`*name`), which is reported rather than resolved."""
+
+
+class _Composer(yaml.SafeLoader):
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.plain: set[int] = set()  # ids of untagged, unquoted scalar nodes
+        self.anchored: dict[int, str] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        this: Any = self  # the stubs leave the event API untyped
+        event = this.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            this.get_event()
+            marks: Any = (event.start_mark, event.end_mark)
+            return _Alias("", event.anchor or "", *marks)
+        self.anchors.clear()  # every anchor is reported, so a repeated name is no extra problem
+        node = super().compose_node(parent, index)
+        if node is not None and getattr(event, "anchor", None):
+            self.anchored[id(node)] = event.anchor
+        if node is not None and isinstance(event, yaml.ScalarEvent) and event.tag is None and event.style is None:
+            self.plain.add(id(node))
+        return node
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _interpolate(value: str, env: Mapping[str, str]) -> tuple[str, bool, list[str]]:
+    """Return the substituted text, whether it was made of references only, and any problems."""
+    parts: list[str] = []
+    problems: list[str] = []
+    pos, only_refs = 0, True
+    for m in _REF.finditer(value):
+        only_refs = only_refs and m.start() == pos
+        parts.append(value[pos : m.start()])
+        pos = m.end()
+        name, default = m.group(1), m.group(2)
+        if m.group(0) == "$${":
+            parts.append("${")
+            only_refs = False
+        elif name is None:
+            ref = re.match(r"\$\{[^}]*\}?", value[m.start() :])
+            shown = ref.group(0) if ref else "${"
+            problems.append(f"bad reference {shown!r} (use ${{VAR}} or ${{VAR:-default}}; $${{ for a literal ${{)")
+        elif env.get(name) or (default is None and name in env):
+            parts.append(env[name])
+        elif default is not None:  # like the shell: unset or empty takes the default
+            parts.append(default)
+        else:
+            problems.append(f"environment variable {name} is not set")
+    parts.append(value[pos:])
+    return "".join(parts), only_refs and pos == len(value), problems
+
+
+class _Builder:
+    """Turns the node tree into plain data, remembering a line for every path."""
+
+    def __init__(self, composer: _Composer, env: Mapping[str, str]) -> None:
+        self.composer, self.env = composer, env
+        self.problems: list[tuple[int, Loc, str]] = []
+        self.lines: dict[Loc, int] = {}
+        self.bad: set[Loc] = set()  # values already reported: validation errors there are noise
+        self.incomplete: set[Loc] = set()  # mappings with a refused merge key: "missing" is noise
+
+    def build(self, node: yaml.Node, loc: Loc) -> Any:
+        if id(node) in self.composer.anchored:
+            anchor = self.composer.anchored[id(node)]
+            self.problems.append((_line(node), loc, f"YAML anchors (&{anchor}) are not supported"))
+        if isinstance(node, _Alias):
+            self.bad.add(loc)
+            self.problems.append((_line(node), loc, f"YAML aliases (*{node.value}) are not supported"))
+            return None
+        if isinstance(node, yaml.MappingNode) and node.tag == _TAG + "map":
+            return self.mapping(node, loc)
+        if isinstance(node, yaml.SequenceNode) and node.tag == _TAG + "seq":
+            for i, item in enumerate(node.value):
+                self.lines[(*loc, i)] = _line(item)
+            return [self.build(item, (*loc, i)) for i, item in enumerate(node.value)]
+        if isinstance(node, yaml.ScalarNode) and node.tag == _TAG + "str":
+            return self.string(node, loc)
+        if isinstance(node, yaml.ScalarNode) and node.tag == _TAG + "timestamp":
+            return node.value  # no field holds a date: keep the text
+        if isinstance(node, yaml.ScalarNode) and node.tag in _TYPED_TAGS:
+            return self.composer.construct_object(node)
+        self.bad.add(loc)
+        self.problems.append((_line(node), loc, f"unsupported YAML tag {node.tag!r}"))
+        return None
+
+    def mapping(self, node: yaml.MappingNode, loc: Loc) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            line, is_scalar = _line(key_node), isinstance(key_node, yaml.ScalarNode)
+            if is_scalar and key_node.tag == _TAG + "merge":
+                self.incomplete.add(loc)
+                self.problems.append((line, loc, "YAML merge keys ('<<') are not supported"))
+            elif isinstance(key_node, _Alias) or not is_scalar or key_node.tag != _TAG + "str":
+                shown = f" {key_node.value!r}" if is_scalar else ""
+                self.problems.append((line, loc, f"mapping key{shown} is not a string (quote it)"))
+            elif key_node.value in out:
+                self.problems.append((line, loc, f"duplicate key {key_node.value!r}"))
+            else:
+                self.lines[(*loc, key_node.value)] = line
+                out[key_node.value] = self.build(value_node, (*loc, key_node.value))
+        return out
+
+    def string(self, node: yaml.ScalarNode, loc: Loc) -> Any:
+        if "${" not in node.value:
+            return node.value
+        text, only_refs, problems = _interpolate(node.value, self.env)
+        if problems:
+            self.bad.add(loc)
+            self.problems.extend((_line(node), loc, p) for p in problems)
+            return node.value
+        if only_refs and text and id(node) in self.composer.plain:
+            tag = _RESOLVER.resolve(yaml.ScalarNode, text, (True, False))
+            if tag in _TYPED_TAGS:  # scalars only: the text is never parsed as YAML
+                return self.composer.construct_object(yaml.ScalarNode(tag, text))
+        return text
+
+
+# --- mapping pydantic's errors onto the file ---------------------------------------------------
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Annotated and Optional: neither shows up in an error's loc."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif len(members := _members(tp)) == 1:
+            tp = members[0]
+        else:
+            return tp
+
+
+def _members(tp: Any) -> list[Any]:
+    if get_origin(tp) not in (Union, types.UnionType):
+        return [tp]
+    return [a for a in get_args(tp) if a is not type(None)]
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _tag_name(tp: Any) -> str:
+    """The name pydantic gives a union member in an error's loc."""
+    tp = _unwrap(tp)
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace(" ", "").replace("typing.", "")
+
+
+def _describe(tp: Any) -> str:
+    tp = _unwrap(tp)
+    if get_origin(tp) in _LISTS:
+        return "a list of strings" if _unwrap(get_args(tp)[0]) is str else "a list"
+    if get_origin(tp) is dict or _is_model(tp):
+        return "a mapping"
+    return {str: "a string", int: "an integer", bool: "a boolean", float: "a number"}.get(tp, _tag_name(tp))
+
+
+def _kind_matches(tp: Any, value: Any) -> bool:
+    tp = _unwrap(tp)
+    if get_origin(tp) in _LISTS:
+        return isinstance(value, list)
+    if get_origin(tp) is dict or _is_model(tp):
+        return isinstance(value, dict)
+    if tp is int and isinstance(value, bool):
+        return False
+    return isinstance(tp, type) and isinstance(value, tp)
+
+
+class _Walk:
+    """Follows an error's loc through the schema's types, dropping union-member tags."""
+
+    def __init__(self, loc: Loc) -> None:
+        tp: Any = GatewayConfig
+        self.parent: Any = None
+        self.union: tuple[Loc, list[Any], str] | None = None  # (path of the union, members, tag)
+        path: list[str | int] = []
+        for part in loc:
+            tp = _unwrap(tp)
+            if len(members := _members(tp)) > 1 and isinstance(part, str):
+                self.union = self.union or (tuple(path), members, part)
+                tp = next((m for m in members if _tag_name(m) == part), Any)
+                continue
+            self.parent, origin, args = tp, get_origin(tp), get_args(tp)
+            path.append(part)
+            if _is_model(tp) and part in tp.model_fields:
+                tp = tp.model_fields[part].annotation
+            elif origin in _LISTS and args:
+                tp = args[0]
+            else:
+                tp = args[1] if origin is dict and args else Any
+        self.path: Loc = tuple(path)
+        self.type = _unwrap(tp)
+
+
+def _problem(err: Any, walk: _Walk) -> str:
+    kind: str = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        allowed = ", ".join(walk.parent.model_fields) if _is_model(walk.parent) else ""
+        return f"unknown field (allowed: {allowed})"
+    if kind == "literal_error":
+        values = get_args(walk.type) if get_origin(walk.type) is Literal else ()
+        return "must be one of: " + (", ".join(map(str, values)) or str(ctx.get("expected")).replace("'", ""))
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        return str(ctx["error"])
+    if kind in _BOUNDS:
+        return f"must be {_BOUNDS[kind][0]} {ctx.get(_BOUNDS[kind][1])}"
+    if kind in _MESSAGES:
+        return _MESSAGES[kind]
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return msg[:1].lower() + msg[1:]
+
+
+def _value_at(data: Any, loc: Loc) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _validation_problems(exc: ValidationError, data: Any, b: _Builder) -> list[tuple[Loc, str]]:
+    """Reworded problems; a union field gets the problems of the member its value looks like, or one line."""
+    out: list[tuple[Loc, str]] = []
+    unions: dict[Loc, tuple[list[Any], list[tuple[str, Any, _Walk]]]] = {}
+    for err in exc.errors(include_url=False):
+        walk = _Walk(tuple(err["loc"]))
+        if any(walk.path[:i] in b.bad for i in range(len(walk.path) + 1)):
+            continue
+        if err["type"] == "missing" and walk.path[:-1] in b.incomplete:
+            continue
+        if walk.union is None:
+            out.append((walk.path, _problem(err, walk)))
+        else:
+            where, members, tag = walk.union
+            unions.setdefault(where, (members, []))[1].append((tag, err, walk))
+    for where, (members, errs) in unions.items():
+        value = _value_at(data, where)
+        chosen = next((_tag_name(m) for m in members if _kind_matches(m, value)), None)
+        picked = [(w.path, _problem(e, w)) for tag, e, w in errs if tag == chosen]
+        out.extend(picked or [(where, "expected " + " or ".join(_describe(m) for m in members))])
+    return out
+
+
+def _line_of(lines: dict[Loc, int], loc: Loc) -> int:
+    """The line of the nearest node that exists: a missing field points at the mapping lacking it."""
+    return next((lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), 1)
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int, str]:
+    if isinstance(exc, yaml.reader.ReaderError):
+        return text.count("\n", 0, exc.position) + 1, str(exc).splitlines()[0]
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return 1, str(exc).splitlines()[0]
+    mark = exc.problem_mark or exc.context_mark
+    line, problem = (mark.line + 1 if mark else 1), exc.problem or exc.context or "invalid YAML"
+    if problem == "but found another document":
+        return line, "expected a single YAML document, but found another"
+    if exc.problem and exc.context:
+        where = f" at line {exc.context_mark.line + 1}" if exc.context_mark else ""
+        problem += f" ({exc.context}{where})"
+    return line, problem
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Load and check a gateway.yaml; raise ConfigError listing every problem found.
+
+    `${VAR}` and `${VAR:-default}` in string values are read from `env` (default: os.environ).
+    """
+    name = os.fspath(path)
+    try:
+        raw = Path(name).read_bytes()
+    except OSError as e:
+        raise ConfigError([f"{name}:0: (root): cannot read file ({e.strerror or e})"]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError([f"{name}:{line}: (root): not UTF-8 text (byte 0x{raw[e.start]:02x})"]) from None
+    composer = _Composer(text)
+    try:
+        root = composer.get_single_node()
+    except yaml.YAMLError as e:
+        line, problem = _yaml_problem(e, text)
+        raise ConfigError([f"{name}:{line}: (root): {problem}"]) from None
+    finally:
+        composer.dispose()
+    b = _Builder(composer, os.environ if env is None else env)
+    data: Any = {}
+    if root is not None and not (isinstance(root, yaml.ScalarNode) and root.tag == _TAG + "null"):
+        b.lines[()] = _line(root)
+        data = b.build(root, ())
+    problems = b.problems
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as e:
+        problems += [(_line_of(b.lines, loc), loc, p) for loc, p in _validation_problems(e, data, b)]
+    if problems:
+        shown = [f"{name}:{line}: {'.'.join(map(str, loc)) or '(root)'}: {p}"
+                 for line, loc, p in sorted(problems, key=lambda p: p[0])]
+        raise ConfigError(list(dict.fromkeys(shown)))
+    return config
