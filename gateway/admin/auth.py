@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from gateway.keys.cache import CachedKey
 from gateway.keys.model import AuditEntry
@@ -33,9 +33,7 @@ def problem(status: int, code: str, detail: str, headers: dict[str, str] | None 
     )
 
 
-def admin_auth(
-    services: Services, token: str
-) -> Callable[[web.Request, Handler], Coroutine[Any, Any, web.StreamResponse]]:
+def admin_auth(services: Services, token: str) -> Middleware:
     expected = token.encode()
 
     @web.middleware
