@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from aiohttp import web
+
+from gateway.admin.app import build_admin_app
+from gateway.clock import Clock
 from gateway.config.schema import GatewayConfig
 from gateway.proxy import ProxyServer
+from gateway.services import Services
 
 
 def make_config(routes: list[dict[str, Any]], **top: Any) -> GatewayConfig:
@@ -64,3 +69,35 @@ async def read_response(reader: asyncio.StreamReader, timeout: float = 5.0) -> t
                 break
             body += data[:-2]
     return status, headers, body
+
+
+class RunningGateway(RunningProxy):
+    """Proxy plus admin listener plus services (store, key cache), all in the test's loop."""
+
+    def __init__(self, proxy: ProxyServer, services: Services, admin: web.AppRunner, admin_port: int) -> None:
+        super().__init__(proxy)
+        self.services = services
+        self.admin = admin
+        self.admin_port = admin_port
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    async def close(self) -> None:
+        await self.proxy.close()
+        await self.admin.cleanup()
+        await self.services.close()
+
+
+async def start_gateway(config: GatewayConfig, clock: Clock | None = None) -> RunningGateway:
+    """Open the store named by `config.store` (migrating it) and serve proxy and admin on free ports."""
+    services = await Services.open(config, clock=clock)
+    proxy = ProxyServer(config, asyncio.get_running_loop(), services)
+    await proxy.start()
+    runner = web.AppRunner(build_admin_app(config, {"ready": True, "reason": "ready"}, services), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return RunningGateway(proxy, services, runner, port)
