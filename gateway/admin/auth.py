@@ -65,12 +65,12 @@ def admin_auth(services: Services, token: str) -> Middleware:
 
 
 async def _key_actor(services: Services, raw: bytes) -> str | None:
-    found = services.key_auth.verify(raw)
+    now = services.clock.time()
+    found = services.key_auth.verify(raw, now)
     if found is not None and not isinstance(found, CachedKey):
         found = await found
     if found is None:
         return None
-    now = services.clock.time()
     record = found.record
     if record.status != "active" or found.expiry <= now or not grants(found.granted, "admin"):
         return None

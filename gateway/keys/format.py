@@ -42,7 +42,6 @@ def generate(prefix: str, env: str) -> str:
 _VALUE = [-1] * 256
 for _i, _c in enumerate(ALPHABET):
     _VALUE[ord(_c)] = _i
-_BODY_OK = bytes(range(256)).translate(None, ALPHABET.encode())  # bytes outside the alphabet
 
 
 class KeyFormat:
@@ -66,13 +65,12 @@ class KeyFormat:
             env = "test"
         else:
             return None
-        split = self._split
-        if len(key[self._body :].translate(None, _BODY_OK)) != self.length - self._body:
+        if not key[self._body :].isalnum():  # ASCII letters and digits: exactly base62
             return None
-        value = _VALUE
-        n = 0
-        for c in key[split:]:
-            n = n * 62 + value[c]
+        split = self._split
+        v = _VALUE
+        a, b, c, d, e, f = key[split:]
+        n = ((((v[a] * 62 + v[b]) * 62 + v[c]) * 62 + v[d]) * 62 + v[e]) * 62 + v[f]
         if n != zlib.crc32(key[:split]):
             return None
         return env

@@ -70,12 +70,11 @@ class KeyAuth:
         elif entry.sunset is not None and entry.expiry - now <= self.warn_before:
             ex.response_extra.append((b"Sunset", entry.sunset))
 
-    def verify(self, key: bytes) -> CachedKey | Awaitable[CachedKey | None] | None:
+    def verify(self, key: bytes, now: float) -> CachedKey | Awaitable[CachedKey | None] | None:
         """Check a raw key as sent; None for a malformed or known-unknown key, else the entry or a lookup."""
         if self.fmt.env_of(key) is None:
             return None
         digest = self.peppers.current.digest(key)
-        now = self.clock.time()
         entry = self.cache.fresh(digest, now)
         if entry is not None:
             self.metrics.cache("hit")
@@ -105,11 +104,12 @@ class AuthStage:
             if self.required:
                 raise auth.reject("missing", GatewayError("missing_api_key", "this route needs an API key"))
             return None
-        found = auth.verify(key)
+        now = auth.clock.time()
+        found = auth.verify(key, now)
         if found is None:
             raise auth.reject("invalid", _invalid())
         if isinstance(found, CachedKey):
-            auth.admit(ex, found, auth.clock.time())
+            auth.admit(ex, found, now)
             return None
         return self._finish(ex, found)
 
