@@ -140,7 +140,7 @@ class KeyCache:
         record.digest = digest
         record.pepper_version = self.peppers.current.version
         try:
-            await self.store.update_key(record, None)
+            await self.store.set_digest(record.id, digest, record.pepper_version)
         except (StoreUnavailable, KeyError, ValueError):
             log.warning("could not move key %s to the current pepper; will retry on next lookup", record.id)
 

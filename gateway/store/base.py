@@ -55,6 +55,10 @@ class KeyStore(ABC):
         """Insert the successor and update the old key in one transaction."""
 
     @abstractmethod
+    async def set_digest(self, key_id: str, digest: bytes, pepper_version: int) -> None:
+        """Move one key to another pepper, touching no other field (a concurrent revoke must stand)."""
+
+    @abstractmethod
     async def touch(self, last_used: dict[str, datetime]) -> None:
         """Record last use per key id, batched; a stored later time is never moved back."""
 

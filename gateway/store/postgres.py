@@ -236,6 +236,12 @@ class PostgresStore(KeyStore):
             audit_id = await conn.fetchval(_INSERT_AUDIT, *audit_params)
         audit.id = int(audit_id)
 
+    async def set_digest(self, key_id: str, digest: bytes, pepper_version: int) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE api_keys SET digest = $1, pepper_version = $2 WHERE id = $3", digest, pepper_version, key_id
+            )
+
     async def touch(self, last_used: dict[str, datetime]) -> None:
         if not last_used:
             return

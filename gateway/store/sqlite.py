@@ -241,6 +241,15 @@ class SQLiteStore(KeyStore):
 
         audit.id = await self._run(rotate)
 
+    async def set_digest(self, key_id: str, digest: bytes, pepper_version: int) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.execute(
+                    "UPDATE api_keys SET digest = ?, pepper_version = ? WHERE id = ?", (digest, pepper_version, key_id)
+                )
+
+        await self._run(write)
+
     async def touch(self, last_used: dict[str, datetime]) -> None:
         if not last_used:
             return
