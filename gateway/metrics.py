@@ -36,6 +36,9 @@ class Metrics:
         )
         self.cache_counts = {"hit": 0, "miss": 0, "negative": 0, "stale": 0}
         r.register(_PlainCounters(self))
+        self.ratelimit_degraded = Gauge(
+            "gateway_ratelimit_degraded", "1 while the rate-limit backend is failing and the policy applies", registry=r
+        )
         self.store_up = Gauge("gateway_key_store_up", "1 when the key store answered its last call", registry=r)
         self.store_up.set(1)
         self._auth_children: dict[str, Counter] = {}

@@ -22,6 +22,7 @@ from gateway.stages.authorize import EnvStage, IPAllowStage, ScopeStage
 from gateway.stages.client_ip import ClientIP, normalise
 from gateway.stages.cors import Cors
 from gateway.stages.identity import IdentityStage
+from gateway.stages.ratelimit import RateLimitStage
 from gateway.tasks import Tasks
 
 log = logging.getLogger("gateway.proxy")
@@ -45,11 +46,14 @@ def build_routes(config: GatewayConfig, services: Services | None) -> list[Route
                 raise ValueError(f"route {rc.name!r} needs keys, but no key store is open")
             m = services.metrics
             policy = rc.query_key_policy or config.keys.query.policy
-            stages.append(AuthStage(services.key_auth, rc.auth, policy, rc.name))
+            stages.append(AuthStage(services.key_auth, rc.auth, policy, rc.name, services.throttle))
             if rc.env is not None:
                 stages.append(EnvStage(rc.env, m))
             stages.append(IPAllowStage(m))
             stages.append(ScopeStage(rc.scopes, m))
+            rl = config.ratelimit
+            # Always present: a key's own limits apply even on routes without defaults.
+            stages.append(RateLimitStage(services.limiter, rc.name, rc.ratelimit, rl.owner_limits, m, rl.legacy_headers))
             stages.append(IdentityStage(signing, config.identity.lifetime, services.clock))
         route.stages = stages
         routes.append(route)

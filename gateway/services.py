@@ -14,10 +14,26 @@ from gateway.keys.format import KeyFormat
 from gateway.keys.peppers import load_peppers
 from gateway.keys.service import KeyService
 from gateway.metrics import Metrics
+from gateway.ratelimit.base import Limiter
+from gateway.ratelimit.failover import FailoverLimiter
+from gateway.ratelimit.memory import MemoryLimiter
 from gateway.stages.auth import KeyAuth
+from gateway.stages.throttle import AuthThrottle
 from gateway.store import KeyStore, StoreUnavailable, open_store
 
 log = logging.getLogger("gateway")
+
+
+def build_limiter(config: GatewayConfig, clock: Clock, metrics: Metrics) -> Limiter:
+    """memory:// (embedded) or redis:// behind the configured failure policy."""
+    rl = config.ratelimit
+    if rl.backend.startswith("memory"):
+        return MemoryLimiter(clock)
+    from gateway.ratelimit.redis import RedisLimiter
+
+    return FailoverLimiter(
+        RedisLimiter(rl.backend, rl.timeout), rl.on_backend_error, rl.replicas, clock, metrics.ratelimit_degraded
+    )
 
 
 class Services:
@@ -49,6 +65,8 @@ class Services:
             keys.warn_before,
         )
         self.keys = KeyService(store, self.peppers, keys.prefix, clock, keys.default_ttl, self.cache)
+        self.limiter = build_limiter(config, clock, metrics)
+        self.throttle = AuthThrottle(config.auth, clock)
         self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -89,4 +107,5 @@ class Services:
                 await self._flusher
         with contextlib.suppress(StoreUnavailable):
             await self.flush_last_used()
+        await self.limiter.close()
         await self.store.close()

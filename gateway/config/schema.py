@@ -15,6 +15,15 @@ _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _SCOPE = re.compile(r"^(\*|[a-z0-9][a-z0-9_.-]*(:([a-z0-9][a-z0-9_.-]*|\*))*)$")
 
 
+def _check_rates(rates: list[str]) -> None:
+    periods: set[int] = set()
+    for r in rates:
+        _, period = parse_rate(r)
+        if period in periods:
+            raise ValueError(f"two limits per {r.split('/')[-1].strip()}: give one per period")
+        periods.add(period)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -98,8 +107,16 @@ class KeysConfig(Strict):
 class RateLimitConfig(Strict):
     backend: str = "memory://"
     on_backend_error: Literal["local", "open", "closed"] = "local"
-    replicas: int = Field(default=1, ge=1)
-    timeout: Duration = 0.05
+    replicas: int = Field(default=1, ge=1, description="replicas sharing the limits; each enforces 1/N when Redis is down")
+    timeout: Duration = Field(default=0.05, description="a Redis call slower than this counts as a failure")
+    legacy_headers: bool = Field(default=False, description="also send X-RateLimit-Limit/-Remaining/-Reset")
+    owner_limits: list[str] = Field(default_factory=list, description="limits shared by all of an owner's keys")
+
+    @field_validator("owner_limits")
+    @classmethod
+    def _owner_limits(cls, v: list[str]) -> list[str]:
+        _check_rates(v)
+        return v
 
     @field_validator("backend")
     @classmethod
@@ -239,9 +256,17 @@ class RouteConfig(Strict):
     @field_validator("ratelimit")
     @classmethod
     def _ratelimit(cls, v: list[str]) -> list[str]:
-        for r in v:
-            parse_rate(r)
+        _check_rates(v)
         return v
+
+
+class AuthThrottleConfig(Strict):
+    """Brute-force protection: failed authentications counted per client IP."""
+
+    max_failures: int = Field(default=20, ge=1, description="failures per window before the IP is cooled down")
+    window: Duration = 60.0
+    cooldown: Duration = Field(default=300.0, description="how long an IP past max_failures gets 429")
+    max_tracked: int = Field(default=100_000, ge=100, description="IPs remembered at most (LRU)")
 
 
 class GatewayConfig(Strict):
@@ -252,6 +277,7 @@ class GatewayConfig(Strict):
     ratelimit: RateLimitConfig = RateLimitConfig()
     keys: KeysConfig = KeysConfig()
     identity: IdentityConfig = IdentityConfig()
+    auth: AuthThrottleConfig = AuthThrottleConfig()
     trusted_proxies: list[Network] = Field(default_factory=list)
     headers_with_underscores: Literal["drop", "reject", "allow"] = "drop"
     limits: LimitsConfig = LimitsConfig()

@@ -17,8 +17,11 @@ from gateway.keys.cache import CachedKey, KeyCache
 from gateway.keys.digest import Peppers
 from gateway.keys.format import KeyFormat
 from gateway.metrics import Metrics
+from gateway.stages.throttle import AuthThrottle
 from gateway.store.base import StoreUnavailable
 
+# Outcomes that count towards the brute-force throttle (a request without any key does not).
+_FAILURES = frozenset(["invalid_api_key", "expired_api_key", "multiple_api_keys"])
 QUERY_WARNING = b'api-key-in-query; send the key in the Authorization or X-API-Key header instead'
 
 
@@ -89,8 +92,11 @@ class KeyAuth:
 class AuthStage:
     """Per route: `auth: required | optional`, with the route's query-string policy."""
 
-    def __init__(self, auth: KeyAuth, mode: str, query_policy: str, route: str) -> None:
+    def __init__(
+        self, auth: KeyAuth, mode: str, query_policy: str, route: str, throttle: AuthThrottle | None = None
+    ) -> None:
         self.auth = auth
+        self.throttle = throttle
         self.required = mode == "required"
         self.query_policy = query_policy
         self.route = route
@@ -98,6 +104,28 @@ class AuthStage:
         self._query_rejected = auth.metrics.query_key.labels(route, "rejected")
 
     def __call__(self, ex: Exchange) -> Awaitable[None] | None:
+        throttle = self.throttle
+        if throttle is None:
+            return self._check(ex)
+        if ex.client_ip in throttle.state:
+            throttle.check(ex.client_ip)
+        try:
+            pending = self._check(ex)
+        except GatewayError as e:
+            if e.code in _FAILURES:
+                throttle.fail(ex.client_ip)
+            raise
+        return None if pending is None else self._counted(ex, pending, throttle)
+
+    async def _counted(self, ex: Exchange, pending: Awaitable[None], throttle: AuthThrottle) -> None:
+        try:
+            await pending
+        except GatewayError as e:
+            if e.code in _FAILURES:
+                throttle.fail(ex.client_ip)
+            raise
+
+    def _check(self, ex: Exchange) -> Awaitable[None] | None:
         key = self._extract(ex)
         auth = self.auth
         if key is None:
@@ -145,7 +173,9 @@ class AuthStage:
                 )
             found, source = value, name
         ex.credential_header = source
-        if ex.query and any(n in ex.query for n in auth.query_needles):
+        query = ex.query
+        # A percent-encoded name (`api%5Fkey=`) is the same parameter to the upstream's decoder.
+        if query and (b"%" in query or any(n in query for n in auth.query_needles)):
             found = self._from_query(ex, found)
         return found
 

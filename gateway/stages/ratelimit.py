@@ -1,0 +1,97 @@
+"""The rate-limit stage: every limit of the key (its own, else the route's), plus its owner's."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+from gateway.errors import GatewayError
+from gateway.http.exchange import Exchange
+from gateway.keys.model import KeyRecord
+from gateway.metrics import Metrics
+from gateway.ratelimit.base import Counters, Limiter
+from gateway.ratelimit.policy import (
+    Decision,
+    Limit,
+    legacy_headers,
+    parse_limits,
+    policy_header,
+    state_header,
+)
+
+_MAX_CACHED = 100_000
+
+
+class RateLimitStage:
+    def __init__(
+        self,
+        limiter: Limiter,
+        route: str,
+        route_limits: list[str],
+        owner_limits: list[str],
+        metrics: Metrics,
+        legacy: bool,
+    ) -> None:
+        self.limiter = limiter
+        self.route = route
+        self.route_limits = parse_limits(route_limits)
+        self.owner_limits = parse_limits(owner_limits, prefix="owner-")
+        self.legacy = legacy
+        self.refused = metrics.ratelimited.labels(route)
+        self._plans: dict[str, tuple[KeyRecord, Counters, bytes]] = {}
+
+    def _plan(self, record: KeyRecord) -> tuple[Counters, bytes]:
+        """Storage keys and the policy header for a key on this route, computed once per key version.
+
+        All of a request's counters carry the owner as Redis hash tag, so one script may touch them
+        all on Redis Cluster.
+        """
+        plan = self._plans.get(record.id)
+        if plan is not None and plan[0] is record:
+            return plan[1], plan[2]
+        tag = "{" + record.owner + "}"
+        if record.limits:
+            own: list[Limit] = parse_limits(record.limits)
+            base = f"rl:{tag}:k:{record.id}:"
+        else:
+            own = self.route_limits
+            base = f"rl:{tag}:k:{record.id}:r:{self.route}:"
+        counters = [(base + lim.name, lim) for lim in own]
+        counters += [(f"rl:{tag}:o:{lim.name}", lim) for lim in self.owner_limits]
+        header = policy_header([lim for _, lim in counters])
+        if len(self._plans) >= _MAX_CACHED:
+            self._plans.clear()
+        self._plans[record.id] = (record, counters, header)
+        return counters, header
+
+    def __call__(self, ex: Exchange) -> Awaitable[None] | None:
+        p = ex.principal
+        if p is None:
+            return None
+        counters, header = self._plan(p.record)
+        if not counters:
+            return None
+        decision = self.limiter.hit(counters)
+        if isinstance(decision, Decision):
+            self._apply(ex, decision, header)
+            return None
+        return self._finish(ex, decision, header)
+
+    async def _finish(self, ex: Exchange, pending: Awaitable[Decision], header: bytes) -> None:
+        self._apply(ex, await pending, header)
+
+    def _apply(self, ex: Exchange, d: Decision, header: bytes) -> None:
+        if d.outcomes:
+            extra = ex.response_extra
+            extra.append((b"RateLimit-Policy", header))
+            extra.append((b"RateLimit", state_header(d.outcomes)))
+            if self.legacy:
+                extra += legacy_headers(d.outcomes)
+        if d.allowed:
+            return
+        self.refused.inc()
+        names = ", ".join(f'"{o.limit.name}" ({o.limit.count} per {o.limit.period}s)' for o in d.violated())
+        raise GatewayError(
+            "rate_limited",
+            f"over the limit of {names}",
+            [(b"Retry-After", str(d.retry_after).encode())],
+        )
