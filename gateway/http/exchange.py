@@ -19,6 +19,10 @@ class Exchange:
 
     __slots__ = (
         "body_chunks",
+        "bytes_out",
+        "error_code",
+        "upstream_ended",
+        "upstream_started",
         "body_complete",
         "body_kind",
         "body_received",
@@ -83,6 +87,10 @@ class Exchange:
         self.response_extra: list[tuple[bytes, bytes]] = []
         self.response_started = False
         self.retried = False
+        self.bytes_out = 0
+        self.error_code = ""
+        self.upstream_started = 0.0
+        self.upstream_ended = 0.0
         self.done = False
         self.status = 0
         self.upstream_status = 0

@@ -371,7 +371,8 @@ class ClientConnection(asyncio.Protocol):
         self._send(ex, conn, head)
 
     def _send(self, ex: Exchange, conn: UpstreamConnection, head: bytes) -> None:
-        conn.send(ex, self, head, self.loop.time())
+        ex.upstream_started = now = self.loop.time()
+        conn.send(ex, self, head, now)
         if self.write_paused and conn.transport is not None:
             conn.transport.pause_reading()
         self._resume(PAUSE_BUFFER)
@@ -418,6 +419,7 @@ class ClientConnection(asyncio.Protocol):
     def response_body(self, ex: Exchange, chunk: bytes) -> None:
         if ex is not self.active or not chunk:
             return
+        ex.bytes_out += len(chunk)
         if self.chunked_out:
             self.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
         else:
@@ -431,6 +433,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(b"0\r\n\r\n")
             self.chunked_out = False
         ex.upstream = None
+        ex.upstream_ended = self.loop.time()
         self.server.pool.release(conn)
         self._complete(ex)
 
@@ -503,10 +506,12 @@ class ClientConnection(asyncio.Protocol):
             return
         if ex.response_started or self.closed:
             ex.done = True
+            ex.error_code = err.code
             self.active = None
             self.server.record(ex)
             self.abort()
             return
+        ex.error_code = err.code
         headers = err.headers + ex.response_extra if ex.response_extra else err.headers
         if err.close:
             ex.keep_alive = False
@@ -518,6 +523,7 @@ class ClientConnection(asyncio.Protocol):
         """Answer an exchange from the gateway itself (an error, a preflight)."""
         ex.status = status
         ex.response_started = True
+        ex.bytes_out = len(body)
         if not ex.body_complete:
             ex.keep_alive = False
         self._write_simple(status, headers, body, ctype, ex.request_id, not ex.keep_alive, ex.method == "HEAD")

@@ -5,11 +5,28 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from datetime import datetime
 
+from typing import NamedTuple
+
 from gateway.keys.model import AuditEntry, KeyRecord
+from gateway.usage.record import UsageRecord
 
 
 class StoreUnavailable(Exception):
     """The store could not be reached or did not answer; callers decide whether stale data may serve."""
+
+
+class UsageReport(NamedTuple):
+    """One row of a usage report, grouped by key, owner, route or day."""
+
+    group: str
+    requests: int
+    errors: int  # 5xx answers
+    refusals: dict[str, int]  # refusal code -> count
+    bytes_in: int
+    bytes_out: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
 
 
 class KeyStore(ABC):
@@ -70,3 +87,35 @@ class KeyStore(ABC):
         self, since: datetime | None = None, key_id: str | None = None, limit: int = 1000
     ) -> list[AuditEntry]:
         """Entries newest first."""
+
+
+class UsageStore(ABC):
+    """Usage records, reports and rollups; the key stores implement it beside KeyStore."""
+
+    @abstractmethod
+    async def write_usage(self, records: list[UsageRecord]) -> None:
+        """Store a batch in one transaction, off the event loop's critical path (a thread for SQLite,
+        COPY for PostgreSQL). Idempotent: a record whose request_id is stored already is skipped, so
+        replaying a batch after a crash never doubles it. Raise StoreUnavailable on failure."""
+
+    @abstractmethod
+    async def usage_report(
+        self,
+        since: datetime,
+        by: str,
+        key_id: str | None = None,
+        owner: str | None = None,
+    ) -> list[UsageReport]:
+        """Requests, 5xx errors, refusals by code, bytes and latency percentiles since `since`,
+        grouped `by` "key" | "owner" | "route" | "day", computed in SQL. Periods older than the raw
+        retention come from the hourly/daily rollups."""
+
+    @abstractmethod
+    async def rollup_usage(self, now: datetime, retention_seconds: float) -> None:
+        """Fold raw records into hourly and daily rollups (idempotent), then delete raw records older
+        than the retention; rollups are kept."""
+
+    @abstractmethod
+    async def count_usage(self) -> int:
+        """Raw records stored (tests and operators checking that nothing was lost)."""
+
