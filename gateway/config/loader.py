@@ -24,19 +24,14 @@ _TAG = "tag:yaml.org,2002:"
 _TYPED_TAGS = {_TAG + t for t in ("null", "bool", "int", "float")}
 # `$${` is a literal `${`; `${NAME}` or `${NAME:-default}`; any other `${` is malformed.
 _REF = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
+_REFS_ONLY = re.compile(r"(?:\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\})+")
 _RESOLVER: Any = yaml.resolver.Resolver()
 _LISTS = (list, tuple, set, frozenset)
-_MESSAGES = {
-    "missing": "required field is missing",
-    "string_type": "expected a string",
-    **dict.fromkeys(("int_type", "int_parsing", "int_from_float"), "expected an integer"),
-    **dict.fromkeys(("bool_type", "bool_parsing"), "expected a boolean"),
-    **dict.fromkeys(("float_type", "float_parsing"), "expected a number"),
-    **dict.fromkeys(("list_type", "tuple_type", "set_type"), "expected a list"),
-    **dict.fromkeys(("dict_type", "model_type", "model_attributes_type"), "expected a mapping"),
-}
-_BOUNDS = {"greater_than_equal": ("at least", "ge"), "less_than_equal": ("at most", "le"),
-           "greater_than": ("greater than", "gt"), "less_than": ("less than", "lt")}
+_UNIONS = (Union, types.UnionType)
+# pydantic's `<kind>_type` / `<kind>_parsing` errors, by kind
+_EXPECTED = {"string": "a string", "int": "an integer", "bool": "a boolean", "float": "a number",
+             "list": "a list", "tuple": "a list", "set": "a list", "dict": "a mapping", "model": "a mapping"}
+_BOUNDS = {"greater_than_equal": ("at least", "ge"), "less_than_equal": ("at most", "le")}
 
 
 class ConfigError(Exception):
@@ -79,29 +74,25 @@ def _line(node: yaml.Node) -> int:
 
 def _interpolate(value: str, env: Mapping[str, str]) -> tuple[str, bool, list[str]]:
     """Return the substituted text, whether it was made of references only, and any problems."""
-    parts: list[str] = []
     problems: list[str] = []
-    pos, only_refs = 0, True
-    for m in _REF.finditer(value):
-        only_refs = only_refs and m.start() == pos
-        parts.append(value[pos : m.start()])
-        pos = m.end()
+
+    def substitute(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)
         if m.group(0) == "$${":
-            parts.append("${")
-            only_refs = False
-        elif name is None:
-            ref = re.match(r"\$\{[^}]*\}?", value[m.start() :])
-            shown = ref.group(0) if ref else "${"
-            problems.append(f"bad reference {shown!r} (use ${{VAR}} or ${{VAR:-default}}; $${{ for a literal ${{)")
+            return "${"
+        if name is None:
+            shown = re.match(r"\$\{[^}]*\}?", value[m.start() :])
+            problems.append(f"bad reference {shown.group(0) if shown else '${'!r} "
+                            "(use ${VAR} or ${VAR:-default}; $${ for a literal ${)")
         elif env.get(name) or (default is None and name in env):
-            parts.append(env[name])
+            return env[name]
         elif default is not None:  # like the shell: unset or empty takes the default
-            parts.append(default)
+            return default
         else:
             problems.append(f"environment variable {name} is not set")
-    parts.append(value[pos:])
-    return "".join(parts), only_refs and pos == len(value), problems
+        return ""
+
+    return _REF.sub(substitute, value), bool(_REFS_ONLY.fullmatch(value)), problems
 
 
 class _Builder:
@@ -114,28 +105,31 @@ class _Builder:
         self.bad: set[Loc] = set()  # values already reported: validation errors there are noise
         self.incomplete: set[Loc] = set()  # mappings with a refused merge key: "missing" is noise
 
-    def build(self, node: yaml.Node, loc: Loc) -> Any:
+    def refused(self, node: yaml.Node, loc: Loc) -> bool:
+        """Report an anchor on the node; True when the node is an alias."""
         if id(node) in self.composer.anchored:
             anchor = self.composer.anchored[id(node)]
             self.problems.append((_line(node), loc, f"YAML anchors (&{anchor}) are not supported"))
         if isinstance(node, _Alias):
-            self.bad.add(loc)
             self.problems.append((_line(node), loc, f"YAML aliases (*{node.value}) are not supported"))
+        return isinstance(node, _Alias)
+
+    def build(self, node: yaml.Node, loc: Loc) -> Any:
+        if self.refused(node, loc):
+            self.bad.add(loc)
             return None
         if isinstance(node, yaml.MappingNode) and node.tag == _TAG + "map":
             return self.mapping(node, loc)
         if isinstance(node, yaml.SequenceNode) and node.tag == _TAG + "seq":
-            for i, item in enumerate(node.value):
-                self.lines[(*loc, i)] = _line(item)
+            self.lines.update(((*loc, i), _line(item)) for i, item in enumerate(node.value))
             return [self.build(item, (*loc, i)) for i, item in enumerate(node.value)]
-        if isinstance(node, yaml.ScalarNode) and node.tag == _TAG + "str":
-            return self.string(node, loc)
-        if isinstance(node, yaml.ScalarNode) and node.tag == _TAG + "timestamp":
-            return node.value  # no field holds a date: keep the text
+        if isinstance(node, yaml.ScalarNode) and node.tag in (_TAG + "str", _TAG + "timestamp"):
+            return self.string(node, loc)  # no field holds a date: a timestamp stays text
         if isinstance(node, yaml.ScalarNode) and node.tag in _TYPED_TAGS:
             return self.composer.construct_object(node)
         self.bad.add(loc)
-        self.problems.append((_line(node), loc, f"unsupported YAML tag {node.tag!r}"))
+        tag = node.tag.replace(_TAG, "!!", 1) if node.tag.startswith(_TAG) else node.tag
+        self.problems.append((_line(node), loc, f"unsupported YAML tag {tag!r}"))
         return None
 
     def mapping(self, node: yaml.MappingNode, loc: Loc) -> dict[str, Any]:
@@ -145,9 +139,11 @@ class _Builder:
             if is_scalar and key_node.tag == _TAG + "merge":
                 self.incomplete.add(loc)
                 self.problems.append((line, loc, "YAML merge keys ('<<') are not supported"))
-            elif isinstance(key_node, _Alias) or not is_scalar or key_node.tag != _TAG + "str":
-                shown = f" {key_node.value!r}" if is_scalar else ""
-                self.problems.append((line, loc, f"mapping key{shown} is not a string (quote it)"))
+            elif self.refused(key_node, loc):
+                continue
+            elif not is_scalar or key_node.tag != _TAG + "str":
+                bad = f"mapping key {key_node.value!r} is not a string (quote it)" if is_scalar else ""
+                self.problems.append((line, loc, bad or "mapping keys must be strings"))
             elif key_node.value in out:
                 self.problems.append((line, loc, f"duplicate key {key_node.value!r}"))
             else:
@@ -156,8 +152,6 @@ class _Builder:
         return out
 
     def string(self, node: yaml.ScalarNode, loc: Loc) -> Any:
-        if "${" not in node.value:
-            return node.value
         text, only_refs, problems = _interpolate(node.value, self.env)
         if problems:
             self.bad.add(loc)
@@ -178,16 +172,14 @@ def _unwrap(tp: Any) -> Any:
     while True:
         if get_origin(tp) is Annotated:
             tp = get_args(tp)[0]
-        elif len(members := _members(tp)) == 1:
+        elif get_origin(tp) in _UNIONS and len(members := _members(tp)) == 1:
             tp = members[0]
         else:
             return tp
 
 
 def _members(tp: Any) -> list[Any]:
-    if get_origin(tp) not in (Union, types.UnionType):
-        return [tp]
-    return [a for a in get_args(tp) if a is not type(None)]
+    return [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in _UNIONS else [tp]
 
 
 def _is_model(tp: Any) -> bool:
@@ -200,24 +192,15 @@ def _tag_name(tp: Any) -> str:
     return tp.__name__ if isinstance(tp, type) else str(tp).replace(" ", "").replace("typing.", "")
 
 
-def _describe(tp: Any) -> str:
+def _kind(tp: Any) -> tuple[str, type]:
+    """How a union member is described, and the YAML value type it takes."""
     tp = _unwrap(tp)
     if get_origin(tp) in _LISTS:
-        return "a list of strings" if _unwrap(get_args(tp)[0]) is str else "a list"
+        return ("a list of strings" if _unwrap(get_args(tp)[0]) is str else "a list"), list
     if get_origin(tp) is dict or _is_model(tp):
-        return "a mapping"
-    return {str: "a string", int: "an integer", bool: "a boolean", float: "a number"}.get(tp, _tag_name(tp))
-
-
-def _kind_matches(tp: Any, value: Any) -> bool:
-    tp = _unwrap(tp)
-    if get_origin(tp) in _LISTS:
-        return isinstance(value, list)
-    if get_origin(tp) is dict or _is_model(tp):
-        return isinstance(value, dict)
-    if tp is int and isinstance(value, bool):
-        return False
-    return isinstance(tp, type) and isinstance(value, tp)
+        return "a mapping", dict
+    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a number"}
+    return names.get(tp, _tag_name(tp)), tp if isinstance(tp, type) else object
 
 
 class _Walk:
@@ -259,22 +242,15 @@ def _problem(err: Any, walk: _Walk) -> str:
         return str(ctx["error"])
     if kind in _BOUNDS:
         return f"must be {_BOUNDS[kind][0]} {ctx.get(_BOUNDS[kind][1])}"
-    if kind in _MESSAGES:
-        return _MESSAGES[kind]
+    if kind == "missing":
+        return "required field is missing"
+    if kind.endswith(("_type", "_parsing")) and kind.rsplit("_", 1)[0] in _EXPECTED:
+        return "expected " + _EXPECTED[kind.rsplit("_", 1)[0]]
     msg = str(err["msg"]).removeprefix("Value error, ")
     return msg[:1].lower() + msg[1:]
 
 
-def _value_at(data: Any, loc: Loc) -> Any:
-    for part in loc:
-        try:
-            data = data[part]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return data
-
-
-def _validation_problems(exc: ValidationError, data: Any, b: _Builder) -> list[tuple[Loc, str]]:
+def _validation_problems(exc: ValidationError, b: _Builder) -> list[tuple[Loc, str]]:
     """Reworded problems; a union field gets the problems of the member its value looks like, or one line."""
     out: list[tuple[Loc, str]] = []
     unions: dict[Loc, tuple[list[Any], list[tuple[str, Any, _Walk]]]] = {}
@@ -290,10 +266,11 @@ def _validation_problems(exc: ValidationError, data: Any, b: _Builder) -> list[t
             where, members, tag = walk.union
             unions.setdefault(where, (members, []))[1].append((tag, err, walk))
     for where, (members, errs) in unions.items():
-        value = _value_at(data, where)
-        chosen = next((_tag_name(m) for m in members if _kind_matches(m, value)), None)
+        # a member refusing the value as a whole saw all of it (with distinct kinds, one always does)
+        value = next((e["input"] for _, e, w in errs if w.path == where), None)
+        chosen = next((_tag_name(m) for m in members if isinstance(value, _kind(m)[1])), None)
         picked = [(w.path, _problem(e, w)) for tag, e, w in errs if tag == chosen]
-        out.extend(picked or [(where, "expected " + " or ".join(_describe(m) for m in members))])
+        out.extend(picked or [(where, "expected " + " or ".join(_kind(m)[0] for m in members))])
     return out
 
 
@@ -303,14 +280,10 @@ def _line_of(lines: dict[Loc, int], loc: Loc) -> int:
 
 
 def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int, str]:
-    if isinstance(exc, yaml.reader.ReaderError):
-        return text.count("\n", 0, exc.position) + 1, str(exc).splitlines()[0]
-    if not isinstance(exc, yaml.MarkedYAMLError):
-        return 1, str(exc).splitlines()[0]
+    if not isinstance(exc, yaml.MarkedYAMLError):  # a ReaderError knows its position
+        return text.count("\n", 0, getattr(exc, "position", 0)) + 1, str(exc).splitlines()[0]
     mark = exc.problem_mark or exc.context_mark
     line, problem = (mark.line + 1 if mark else 1), exc.problem or exc.context or "invalid YAML"
-    if problem == "but found another document":
-        return line, "expected a single YAML document, but found another"
     if exc.problem and exc.context:
         where = f" at line {exc.context_mark.line + 1}" if exc.context_mark else ""
         problem += f" ({exc.context}{where})"
@@ -324,32 +297,28 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     """
     name = os.fspath(path)
     try:
-        raw = Path(name).read_bytes()
+        text = Path(name).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise ConfigError([f"{name}:{line}: (root): not UTF-8 text (byte 0x{e.object[e.start]:02x})"]) from None
     except OSError as e:
         raise ConfigError([f"{name}:0: (root): cannot read file ({e.strerror or e})"]) from None
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ConfigError([f"{name}:{line}: (root): not UTF-8 text (byte 0x{raw[e.start]:02x})"]) from None
-    composer = _Composer(text)
-    try:
+        composer = _Composer(text)  # the reader refuses control characters right away
         root = composer.get_single_node()
     except yaml.YAMLError as e:
         line, problem = _yaml_problem(e, text)
         raise ConfigError([f"{name}:{line}: (root): {problem}"]) from None
-    finally:
-        composer.dispose()
     b = _Builder(composer, os.environ if env is None else env)
     data: Any = {}
-    if root is not None and not (isinstance(root, yaml.ScalarNode) and root.tag == _TAG + "null"):
+    if root is not None and root.tag != _TAG + "null":  # an empty document: all defaults
         b.lines[()] = _line(root)
         data = b.build(root, ())
     problems = b.problems
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as e:
-        problems += [(_line_of(b.lines, loc), loc, p) for loc, p in _validation_problems(e, data, b)]
+        problems += [(_line_of(b.lines, loc), loc, p) for loc, p in _validation_problems(e, b)]
     if problems:
         shown = [f"{name}:{line}: {'.'.join(map(str, loc)) or '(root)'}: {p}"
                  for line, loc, p in sorted(problems, key=lambda p: p[0])]

@@ -269,6 +269,26 @@ class AuthThrottleConfig(Strict):
     max_tracked: int = Field(default=100_000, ge=100, description="IPs remembered at most (LRU)")
 
 
+class UsageConfig(Strict):
+    """The usage log: one record per request, batched to the store, spooled to disk when it is down."""
+
+    enabled: bool = True
+    spool_dir: str = Field(default="", description="default: beside the SQLite store, else ./usage-spool")
+    spool_max_bytes: Size = Field(default=1024**3, description="at the cap, on_spool_full applies")
+    on_spool_full: Literal["shed", "drop"] = Field(default="shed", description="shed: metered routes answer 503")
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    flush_interval: Duration = Field(default=1.0, description="a batch waits at most this long")
+    queue_max: int = Field(default=100_000, ge=1000)
+    write_timeout: Duration = Field(default=5.0, description="a slower write counts as a failure: spool")
+    retention: Duration = Field(default=30 * 86400.0, description="raw records kept; rollups kept beyond")
+    rollup_interval: Duration = Field(default=3600.0)
+    access_log: str = Field(default="", description="JSON access log: '-' for stdout, a file path, or empty")
+
+
+class MetricsConfig(Strict):
+    per_key_top: int = Field(default=20, ge=0, le=1000, description="keys with their own series; the rest: other")
+
+
 class GatewayConfig(Strict):
     listen: HostPort = ("0.0.0.0", 8080)
     tls: TLSListener | None = None
@@ -278,6 +298,8 @@ class GatewayConfig(Strict):
     keys: KeysConfig = KeysConfig()
     identity: IdentityConfig = IdentityConfig()
     auth: AuthThrottleConfig = AuthThrottleConfig()
+    usage: UsageConfig = UsageConfig()
+    metrics: MetricsConfig = MetricsConfig()
     trusted_proxies: list[Network] = Field(default_factory=list)
     headers_with_underscores: Literal["drop", "reject", "allow"] = "drop"
     limits: LimitsConfig = LimitsConfig()
