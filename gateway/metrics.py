@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -15,15 +15,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "gateway_requests_total", "Requests answered", ["route", "method", "code"], registry=r
-        )
-        self.request_duration = Histogram(
-            "gateway_request_duration_seconds", "Whole request, first byte in to last byte out", registry=r
-        )
-        self.upstream_duration = Histogram(
-            "gateway_upstream_duration_seconds", "Upstream exchange time", registry=r
-        )
+        # gateway_requests_total and the duration histograms live in gateway/telemetry.py.
         self.auth_rejections = Counter(
             "gateway_auth_rejections_total", "Requests refused by authentication", ["reason"], registry=r
         )

@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from gateway.config.schema import GatewayConfig
+from gateway.errors import GatewayError
 from gateway.http.exchange import Exchange
 from gateway.http.server import ClientConnection
 from gateway.http.upstream import UpstreamPool
@@ -24,10 +25,23 @@ from gateway.stages.cors import Cors
 from gateway.stages.identity import IdentityStage
 from gateway.stages.ratelimit import RateLimitStage
 from gateway.tasks import Tasks
+from gateway.telemetry import Telemetry
+from gateway.usage.writer import UsageWriter
 
 log = logging.getLogger("gateway.proxy")
 
 Observer = Callable[[Exchange], None]
+
+
+class UsageGuard:
+    """Under `usage.on_spool_full: shed`: a request that could not be metered is not served."""
+
+    def __init__(self, writer: UsageWriter) -> None:
+        self.writer = writer
+
+    def __call__(self, ex: Exchange) -> None:
+        if self.writer.full:
+            raise GatewayError("service_unavailable", "usage cannot be recorded right now; try again shortly")
 
 
 def build_routes(config: GatewayConfig, services: Services | None) -> list[Route]:
@@ -39,6 +53,8 @@ def build_routes(config: GatewayConfig, services: Services | None) -> list[Route
     for rc in config.routes:
         route = compile_route(rc, ssl_cache)
         stages: list[Stage] = []
+        if services is not None and services.usage is not None and config.usage.on_spool_full == "shed":
+            stages.append(UsageGuard(services.usage))
         if rc.cors is not None:
             stages.append(Cors(rc.cors))
         if rc.auth != "none":
@@ -66,6 +82,7 @@ class ProxyServer:
     ) -> None:
         self.config = config
         self.services = services
+        self.observers: list[Observer] = []
         self.loop = loop
         lim = config.limits
         self.header_timeout = lim.header_timeout
@@ -78,11 +95,14 @@ class ProxyServer:
         self.underscores = config.headers_with_underscores
         self.scheme = b"https" if config.tls else b"http"
         self.router = Router(build_routes(config, services))
+        if services is not None:
+            self.observers.append(
+                Telemetry(services.clock, services.request_metrics, services.usage, services.access_log, loop.time)
+            )
         self.pipeline = Pipeline(self.router, ClientIP(list(config.trusted_proxies)))
         self.pool = UpstreamPool(loop, config.upstream_keepalive, config.upstream_idle_timeout)
         self.connections: set[ClientConnection] = set()
         self.tasks = Tasks()
-        self.observers: list[Observer] = []
         self.draining = False
         self.date = b""
         self._server: asyncio.Server | None = None
@@ -149,6 +169,8 @@ class ProxyServer:
                 log.exception("deadline handling failed")
                 conn.abort()
         self.pool.sweep(now)
+        if self.services is not None and self.services.access_log is not None:
+            self.services.access_log.flush()
         self._ticker = self.loop.call_later(self._tick_every, self._tick)
 
     async def drain(self, timeout: float) -> bool:

@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 from datetime import UTC, datetime
+from pathlib import Path
 
 from gateway.clock import Clock
 from gateway.config.schema import GatewayConfig
 from gateway.keys.cache import KeyCache
 from gateway.keys.format import KeyFormat
-from gateway.keys.peppers import load_peppers
+from gateway.keys.peppers import load_peppers, sqlite_path
 from gateway.keys.service import KeyService
 from gateway.metrics import Metrics
 from gateway.ratelimit.base import Limiter
@@ -20,6 +21,10 @@ from gateway.ratelimit.memory import MemoryLimiter
 from gateway.stages.auth import KeyAuth
 from gateway.stages.throttle import AuthThrottle
 from gateway.store import KeyStore, StoreUnavailable, open_store
+from gateway.store.base import UsageStore
+from gateway.telemetry import AccessLog, RequestMetrics
+from gateway.usage.spool import Spool
+from gateway.usage.writer import UsageWriter
 
 log = logging.getLogger("gateway")
 
@@ -34,6 +39,14 @@ def build_limiter(config: GatewayConfig, clock: Clock, metrics: Metrics) -> Limi
     return FailoverLimiter(
         RedisLimiter(rl.backend, rl.timeout), rl.on_backend_error, rl.replicas, clock, metrics.ratelimit_degraded
     )
+
+
+def spool_dir(config: GatewayConfig) -> Path:
+    """The configured spool folder; by default beside the SQLite database, else ./usage-spool."""
+    if config.usage.spool_dir:
+        return Path(config.usage.spool_dir)
+    db = sqlite_path(config.store)
+    return db.with_name(db.name + ".usage-spool") if db is not None else Path("usage-spool")
 
 
 class Services:
@@ -67,6 +80,23 @@ class Services:
         self.keys = KeyService(store, self.peppers, keys.prefix, clock, keys.default_ttl, self.cache)
         self.limiter = build_limiter(config, clock, metrics)
         self.throttle = AuthThrottle(config.auth, clock)
+        self.request_metrics = RequestMetrics(config.metrics.per_key_top)
+        metrics.registry.register(self.request_metrics)
+        u = config.usage
+        self.usage: UsageWriter | None = None
+        if u.enabled and isinstance(store, UsageStore):
+            self.usage = UsageWriter(
+                store,
+                Spool(spool_dir(config), u.spool_max_bytes),
+                metrics,
+                policy=u.on_spool_full,
+                batch_size=u.batch_size,
+                interval=u.flush_interval,
+                queue_max=u.queue_max,
+                write_timeout=u.write_timeout,
+            )
+        self.access_log = AccessLog(u.access_log) if u.access_log else None
+        self._rollups: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -80,7 +110,21 @@ class Services:
         return services
 
     def start_background(self) -> None:
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        loop = asyncio.get_running_loop()
+        self._flusher = loop.create_task(self._flush_loop())
+        if self.usage is not None:
+            self.usage.start()
+            self._rollups = loop.create_task(self._rollup_loop())
+
+    async def _rollup_loop(self) -> None:
+        store = self.store
+        assert isinstance(store, UsageStore)
+        while True:
+            try:
+                await store.rollup_usage(self.clock.now(), self.config.usage.retention)
+            except StoreUnavailable:
+                log.warning("usage rollup skipped: store unavailable")
+            await asyncio.sleep(self.config.usage.rollup_interval)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -101,10 +145,15 @@ class Services:
                 self.key_auth.last_used[k] = max(t, self.key_auth.last_used.get(k, 0.0))
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        for task in (self._flusher, self._rollups):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.usage is not None:
+            await self.usage.close()
+        if self.access_log is not None:
+            self.access_log.close()
         with contextlib.suppress(StoreUnavailable):
             await self.flush_last_used()
         await self.limiter.close()

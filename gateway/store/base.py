@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from datetime import datetime
-
 from typing import NamedTuple
 
 from gateway.keys.model import AuditEntry, KeyRecord
@@ -91,6 +90,10 @@ class KeyStore(ABC):
 
 class UsageStore(ABC):
     """Usage records, reports and rollups; the key stores implement it beside KeyStore."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
 
     @abstractmethod
     async def write_usage(self, records: list[UsageRecord]) -> None:
