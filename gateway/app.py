@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from gateway.admin.app import build_admin_app
 from gateway.config.schema import GatewayConfig
+from gateway.fleet_metrics import FleetCollector, write_snapshot
 from gateway.keys.peppers import PepperMissing
 from gateway.proxy import ProxyServer
 from gateway.services import Services
@@ -43,6 +48,10 @@ class Gateway:
         self.admin_runner: web.AppRunner | None = None
         self.services: Services | None = None
         self.stopping = asyncio.Event()
+        self.ready_fd: int | None = None  # a worker writes a byte here once its listener is up
+        self.metrics_dir: Path | None = None  # a worker's metrics go here for the supervisor to sum
+        self.metrics_registry: CollectorRegistry | None = None  # what the admin /metrics serves
+        self._snapshots: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -50,6 +59,8 @@ class Gateway:
         self.services.start_background()
         self.proxy = ProxyServer(self.config, loop, self.services)
         await self.proxy.start()
+        if self.metrics_dir is not None:
+            self._snapshots = loop.create_task(self._snapshot_loop(self.metrics_dir))
         if self.with_admin:
             await self.start_admin()
         self.state.update(ready=True, reason="ready")
@@ -57,7 +68,7 @@ class Gateway:
     async def start_admin(self) -> None:
         if self.services is None:
             self.services = await open_services(self.config)
-        app = build_admin_app(self.config, self.state, self.services)
+        app = build_admin_app(self.config, self.state, self.services, self.metrics_registry)
         self.admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.admin_runner.setup()
         host, port = self.config.admin.listen
@@ -73,17 +84,33 @@ class Gateway:
         if self.proxy is not None:
             clean = await self.proxy.drain(self.config.shutdown_timeout)
             await self.proxy.close()
+        if self._snapshots is not None and self.metrics_dir is not None and self.services is not None:
+            self._snapshots.cancel()
+            write_snapshot(self.metrics_dir, f"worker-{os.getpid()}", self.services.metrics.registry)
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
         if self.services is not None:
             await self.services.close()
         return clean
 
+    async def _snapshot_loop(self, folder: Path) -> None:
+        assert self.services is not None
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                write_snapshot(folder, f"worker-{os.getpid()}", self.services.metrics.registry)
+            except OSError:
+                log.exception("could not write the metrics snapshot")
+
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         await self.start()
+        if self.ready_fd is not None:  # the supervisor reports ready only when every worker listens
+            os.write(self.ready_fd, b"1")
+            os.close(self.ready_fd)
+            self.ready_fd = None
         host, port = self.config.listen
         log.info("proxy listening on %s:%d", host, port)
         await self.stopping.wait()
@@ -133,29 +160,72 @@ def _supervise(config: GatewayConfig, workers: int) -> int:
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     probe.bind((host, port))
     children: list[int] = []
+    metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
+    ready_r, ready_w = os.pipe()
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:
             probe.close()
+            os.close(ready_r)
             from gateway.ids import reseed
 
             reseed()
-            code = asyncio.run(Gateway(config, admin=False).serve())
+            worker = Gateway(config, admin=False)
+            worker.ready_fd = ready_w
+            worker.metrics_dir = metrics_dir
+            code = asyncio.run(worker.serve())
             os._exit(code)
         children.append(pid)
     probe.close()
-    return asyncio.run(_supervisor_loop(config, children))
+    os.close(ready_w)
+    try:
+        return asyncio.run(_supervisor_loop(config, children, ready_r, metrics_dir))
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-async def _supervisor_loop(config: GatewayConfig, children: list[int]) -> int:
+async def _workers_listening(fd: int, workers: int) -> bool:
+    """Wait for a byte from every worker; False when the pipe closes first (a worker died)."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    done: asyncio.Future[bool] = loop.create_future()
+    got = 0
+
+    def readable() -> None:
+        nonlocal got
+        try:
+            data = os.read(fd, 64)
+        except BlockingIOError:
+            return
+        got += len(data)
+        if (not data or got >= workers) and not done.done():
+            done.set_result(got >= workers)
+
+    loop.add_reader(fd, readable)
+    try:
+        return await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def _supervisor_loop(config: GatewayConfig, children: list[int], ready_fd: int, metrics_dir: Path) -> int:
     gw = Gateway(config)
+    gw.services = await open_services(config)
+    gw.metrics_registry = CollectorRegistry(auto_describe=False)
+    gw.metrics_registry.register(FleetCollector(metrics_dir, live=gw.services.metrics.registry))
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await gw.start_admin()
-    gw.state.update(ready=True, reason="ready")
     alive = set(children)
+
+    async def until_listening() -> None:
+        if await _workers_listening(ready_fd, len(children)) and not stopping.is_set():
+            gw.state.update(ready=True, reason="ready")
+
+    readiness = asyncio.ensure_future(until_listening())
 
     async def reap() -> None:
         while alive:
@@ -170,6 +240,7 @@ async def _supervisor_loop(config: GatewayConfig, children: list[int]) -> int:
 
     reaper = asyncio.ensure_future(reap())
     await stopping.wait()
+    readiness.cancel()
     gw.state.update(ready=False, reason="draining")
     for pid in alive:
         os.kill(pid, signal.SIGTERM)

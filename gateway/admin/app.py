@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp_cors
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from gateway.admin import keys
 from gateway.admin.auth import admin_auth
@@ -15,6 +15,7 @@ from gateway.services import Services
 
 READY = web.AppKey("ready", dict)
 SERVICES = web.AppKey("services", Services)
+REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -29,7 +30,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[SERVICES].metrics.registry)
+    body = generate_latest(request.app[REGISTRY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -37,7 +38,13 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(DOCUMENT)
 
 
-def build_admin_app(config: GatewayConfig, state: dict[str, object], services: Services | None) -> web.Application:
+def build_admin_app(
+    config: GatewayConfig,
+    state: dict[str, object],
+    services: Services | None,
+    registry: CollectorRegistry | None = None,
+) -> web.Application:
+    """`registry`: what /metrics serves (default: this process's; the supervisor passes the fleet's)."""
     middlewares: list[Middleware] = [keys.errors]
     if services is not None:
         middlewares.insert(0, admin_auth(services, config.admin.token))
@@ -46,6 +53,7 @@ def build_admin_app(config: GatewayConfig, state: dict[str, object], services: S
     routes = [app.router.add_get("/healthz", healthz), app.router.add_get("/readyz", readyz)]
     if services is not None:
         app[SERVICES] = services
+        app[REGISTRY] = registry or services.metrics.registry
         app[keys.SERVICE] = services.keys
         routes.append(app.router.add_get("/metrics", metrics))
         routes.append(app.router.add_get("/admin/openapi.json", openapi))
