@@ -12,6 +12,7 @@ from typing import Any
 
 from gateway.config.schema import GatewayConfig
 from gateway.keys.model import KeyRecord
+from gateway.keys.peppers import PepperMissing
 from gateway.keys.service import Conflict, InvalidInput, KeyNotFound
 from gateway.services import Services
 from gateway.store import StoreUnavailable
@@ -104,6 +105,28 @@ async def _rotate(s: Services, a: argparse.Namespace) -> int:
     return 0
 
 
+async def _suspend(s: Services, a: argparse.Namespace) -> int:
+    _print_key(await s.keys.suspend(a.id, reason=a.reason or "", **_who()), a.json)
+    return 0
+
+
+async def _unsuspend(s: Services, a: argparse.Namespace) -> int:
+    _print_key(await s.keys.unsuspend(a.id, **_who()), a.json)
+    return 0
+
+
+async def _anomalies(s: Services, a: argparse.Namespace) -> int:
+    entries = await s.keys.audit(a.since, a.key, 1000, action="anomaly")
+    if a.json:
+        print(json.dumps([e.public() for e in entries]))
+        return 0
+    for e in entries:
+        change = dict(e.change)
+        kind, subject = change.pop("kind", "?"), change.pop("subject", "")
+        print(f"{e.public()['at']}  {kind!s:<22} {subject!s:<26} {json.dumps(change, sort_keys=True)}")
+    return 0
+
+
 async def _audit(s: Services, a: argparse.Namespace) -> int:
     entries = await s.keys.audit(a.since, a.key)
     if a.json:
@@ -117,14 +140,16 @@ async def _audit(s: Services, a: argparse.Namespace) -> int:
 
 
 async def _migrate(s: Services, a: argparse.Namespace) -> int:
-    applied = await s.store.migrate()
+    # Opening the store already applied what was pending: report that too, not "up to date".
+    applied = list(getattr(s.store, "migrations_applied", [])) + await s.store.migrate()
     print("up to date" if not applied else "applied: " + ", ".join(applied))
     return 0
 
 
 ACTIONS: dict[str, Action] = {
     "create": _create, "list": _list, "show": _show, "update": _update, "revoke": _revoke,
-    "rotate": _rotate, "audit": _audit, "migrate": _migrate,
+    "rotate": _rotate, "audit": _audit, "migrate": _migrate, "suspend": _suspend, "unsuspend": _unsuspend,
+    "anomalies": _anomalies,
 }
 
 
@@ -147,6 +172,8 @@ def run_action(config: GatewayConfig, name: str, args: argparse.Namespace) -> in
         print(f"gateway: {e}", file=sys.stderr)
     except StoreUnavailable as e:
         print(f"gateway: the key store is unavailable: {e}", file=sys.stderr)
+    except PepperMissing as e:
+        print(f"gateway: {e}", file=sys.stderr)
     return 1
 
 
@@ -184,7 +211,16 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, func: Callable[[argpa
     p = ksub.add_parser("rotate", parents=[common], help="issue a successor; the old key works for the grace")
     p.add_argument("id")
     p.add_argument("--grace", default="24h")
+    p = ksub.add_parser("suspend", parents=[common], help="refuse the key (403 key_suspended) until lifted")
+    p.add_argument("id")
+    p.add_argument("--reason")
+    p = ksub.add_parser("unsuspend", parents=[common], help="lift a suspension")
+    p.add_argument("id")
     keys.set_defaults(func=func)
+    p = sub.add_parser("anomalies", parents=[common], help="anomalies detected (rate spikes, shared keys, …)")
+    p.add_argument("--since", default="7d")
+    p.add_argument("--key", help="only this key id")
+    p.set_defaults(func=func, action="anomalies")
     p = sub.add_parser("audit", parents=[common], help="who did what to which key, when, from where")
     p.add_argument("--since", default="7d")
     p.add_argument("--key", help="only this key id")

@@ -19,6 +19,7 @@ CODES: dict[str, tuple[int, str]] = {
     "insufficient_scope": (403, "Insufficient scope"),
     "ip_not_allowed": (403, "Client IP not allowed"),
     "wrong_environment": (403, "Key environment not allowed on this route"),
+    "key_suspended": (403, "Key suspended"),
     "cors_rejected": (403, "Cross-origin request not allowed"),
     "no_route": (404, "No route matches"),
     "method_not_allowed": (405, "Method not allowed"),

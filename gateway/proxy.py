@@ -97,7 +97,14 @@ class ProxyServer:
         self.router = Router(build_routes(config, services))
         if services is not None:
             self.observers.append(
-                Telemetry(services.clock, services.request_metrics, services.usage, services.access_log, loop.time)
+                Telemetry(
+                    services.clock,
+                    services.request_metrics,
+                    services.usage,
+                    services.access_log,
+                    loop.time,
+                    services.anomalies,
+                )
             )
         self.pipeline = Pipeline(self.router, ClientIP(list(config.trusted_proxies)))
         self.pool = UpstreamPool(loop, config.upstream_keepalive, config.upstream_idle_timeout)

@@ -8,12 +8,16 @@ import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
+from prometheus_client import Counter
+
+from gateway.anomalies import Anomaly, AnomalyDetector
 from gateway.clock import Clock
 from gateway.config.schema import GatewayConfig
 from gateway.keys.cache import KeyCache
 from gateway.keys.format import KeyFormat
+from gateway.keys.model import AuditEntry
 from gateway.keys.peppers import load_peppers, sqlite_path
-from gateway.keys.service import KeyService
+from gateway.keys.service import KeyNotFound, KeyService
 from gateway.metrics import Metrics
 from gateway.ratelimit.base import Limiter
 from gateway.ratelimit.failover import FailoverLimiter
@@ -22,6 +26,7 @@ from gateway.stages.auth import KeyAuth
 from gateway.stages.throttle import AuthThrottle
 from gateway.store import KeyStore, StoreUnavailable, open_store
 from gateway.store.base import UsageStore
+from gateway.tasks import Tasks
 from gateway.telemetry import AccessLog, RequestMetrics
 from gateway.usage.spool import Spool
 from gateway.usage.writer import UsageWriter
@@ -97,6 +102,13 @@ class Services:
             )
         self.access_log = AccessLog(u.access_log) if u.access_log else None
         self._rollups: asyncio.Task[None] | None = None
+        self.tasks = Tasks()
+        self.anomalies: AnomalyDetector | None = None
+        if config.anomalies.enabled:
+            self.anomalies = AnomalyDetector(config.anomalies, clock, self.on_anomaly)
+            self.anomaly_events = Counter(
+                "gateway_anomalies_total", "Anomalies detected", ["kind"], registry=metrics.registry
+            )
         self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -144,6 +156,24 @@ class Services:
             for k, t in pending.items():  # keep them for the next try, newest wins
                 self.key_auth.last_used[k] = max(t, self.key_auth.last_used.get(k, 0.0))
 
+    def on_anomaly(self, event: Anomaly) -> None:
+        """Count, log and audit an anomaly; suspend the key when its kind's action says so."""
+        self.anomaly_events.labels(event.kind).inc()
+        log.warning("anomaly %s on %s: %s", event.kind, event.subject, event.detail)
+        self.tasks.spawn(self._record_anomaly(event))
+
+    async def _record_anomaly(self, event: Anomaly) -> None:
+        change: dict[str, object] = {"kind": event.kind, "subject": event.subject, **event.detail,
+                                     "action": event.action}
+        source = event.subject if event.kind == "auth_failures_ip" else ""
+        entry = AuditEntry("anomaly", "detector", source, event.key_id, change, at=self.clock.now())
+        try:
+            await self.store.add_audit(entry)
+            if event.action == "suspend" and event.key_id is not None:
+                await self.keys.suspend(event.key_id, reason=f"anomaly: {event.kind}", actor="detector")
+        except (StoreUnavailable, KeyNotFound):
+            log.error("anomaly %s on %s could not be recorded: store unavailable", event.kind, event.subject)
+
     async def close(self) -> None:
         for task in (self._flusher, self._rollups):
             if task is not None:
@@ -152,6 +182,7 @@ class Services:
                     await task
         if self.usage is not None:
             await self.usage.close()
+        await self.tasks.cancel_all()
         if self.access_log is not None:
             self.access_log.close()
         with contextlib.suppress(StoreUnavailable):

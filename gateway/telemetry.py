@@ -17,6 +17,7 @@ from typing import IO
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.anomalies import AnomalyDetector
 from gateway.clock import Clock
 from gateway.http.exchange import Exchange
 from gateway.usage.record import UsageRecord
@@ -112,7 +113,9 @@ class Telemetry:
         usage: object | None,
         access_log: AccessLog | None,
         loop_time: object,
+        anomalies: AnomalyDetector | None = None,
     ) -> None:
+        self.anomalies = anomalies
         self.clock = clock
         self.metrics = metrics
         self.put = getattr(usage, "put", None)
@@ -131,6 +134,8 @@ class Telemetry:
         self.metrics.duration.observe(latency)
         if upstream is not None:
             self.metrics.upstream.observe(upstream)
+        if self.anomalies is not None:
+            self.anomalies.observe(ex)
         if self.put is None and self.access_log is None:
             return
         usage = UsageRecord(

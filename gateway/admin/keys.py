@@ -118,6 +118,27 @@ async def rotate_key(request: web.Request) -> web.Response:
     return web.json_response({**new.public(), "key": raw, "previous": old.public()}, status=201)
 
 
+async def suspend_key(request: web.Request) -> web.Response:
+    data = await _body(request, {"reason"}) if request.can_read_body else {}
+    reason = data.get("reason") or ""
+    if not isinstance(reason, str):
+        raise InvalidInput("reason", "must be a string")
+    record = await request.app[SERVICE].suspend(request.match_info["id"], reason=reason, **_who(request))
+    return web.json_response(record.public())
+
+
+async def unsuspend_key(request: web.Request) -> web.Response:
+    record = await request.app[SERVICE].unsuspend(request.match_info["id"], **_who(request))
+    return web.json_response(record.public())
+
+
+async def anomalies(request: web.Request) -> web.Response:
+    entries = await request.app[SERVICE].audit(
+        request.query.get("since", "7d"), request.query.get("key_id"), 1000, action="anomaly"
+    )
+    return web.json_response({"anomalies": [e.public() for e in entries]})
+
+
 async def audit(request: web.Request) -> web.Response:
     try:
         limit = int(request.query.get("limit", "1000"))
@@ -138,5 +159,8 @@ def add_routes(app: web.Application) -> list[web.AbstractRoute]:
         r.add_patch("/admin/keys/{id}", update_key),
         r.add_post("/admin/keys/{id}/revoke", revoke_key),
         r.add_post("/admin/keys/{id}/rotate", rotate_key),
+        r.add_post("/admin/keys/{id}/suspend", suspend_key),
+        r.add_post("/admin/keys/{id}/unsuspend", unsuspend_key),
         r.add_get("/admin/audit", audit),
+        r.add_get("/admin/anomalies", anomalies),
     ]

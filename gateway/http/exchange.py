@@ -19,18 +19,16 @@ class Exchange:
 
     __slots__ = (
         "body_chunks",
-        "bytes_out",
-        "error_code",
-        "upstream_ended",
-        "upstream_started",
         "body_complete",
         "body_kind",
         "body_received",
         "buffered",
+        "bytes_out",
         "client_ip",
         "content_length",
         "credential_header",
         "done",
+        "error_code",
         "expect_continue",
         "has_connection_header",
         "headers",
@@ -38,6 +36,7 @@ class Exchange:
         "host_count",
         "host_raw",
         "keep_alive",
+        "key_prefix",
         "method",
         "path",
         "principal",
@@ -52,7 +51,9 @@ class Exchange:
         "target",
         "upgrade",
         "upstream",
+        "upstream_ended",
         "upstream_extra",
+        "upstream_started",
         "upstream_status",
         "version",
         "xff",
@@ -72,6 +73,7 @@ class Exchange:
         self.upstream_extra: list[tuple[bytes, bytes]] = []
         self.has_connection_header = False
         self.keep_alive = True
+        self.key_prefix = ""  # the first characters of a presented key, for anomaly detection
         self.body_kind = BODY_NONE
         self.content_length = 0
         self.body_received = 0

@@ -152,6 +152,11 @@ class ClientConnection(asyncio.Protocol):
     def _parse_failed(self, err: GatewayError) -> None:
         """Stop reading; answer in order after whatever is already queued, then close."""
         self.stop_parsing = True
+        if self.closing:
+            # The rest of a read in which a refusal already answered and closed (or half-closed)
+            # the connection: a second answer would be written after EOF.
+            self.current = None
+            return
         ex, self.current = self.current, None
         if ex is not None and ex is self.active:
             self._reject(ex, err)
@@ -476,6 +481,8 @@ class ClientConnection(asyncio.Protocol):
             self._close()
             return
         cur = self.current
+        if cur is ex:
+            cur = None  # answered from inside its own parse (an error): its message ends in this read
         if cur is not None:
             # A pipelined request still arriving: a deadline that passed while this exchange ran was
             # dropped, so arm it again (a head counts from its first byte, a body gets a fresh pause).

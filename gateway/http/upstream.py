@@ -26,8 +26,8 @@ INF = float("inf")
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "client", "closed", "deadline", "eof_body", "ex", "head_bytes", "headers", "informational",
-        "key", "parser", "pool", "read_timeout", "reason", "received", "reusable", "reused",
+        "client", "closed", "deadline", "eof_body", "ex", "head_bytes", "head_raw", "headers",
+        "informational", "key", "parser", "pool", "read_timeout", "reason", "received", "reusable", "reused",
         "skip_body", "total_deadline", "transport", "tunnel", "upstream",
     )
 
@@ -40,7 +40,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex: Exchange | None = None
         self.client: ClientConnection | None = None
         self.headers: list[tuple[bytes, bytes]] = []
-        self.head_bytes = 0
+        self.head_bytes = self.head_raw = 0
         self.reason = b""
         self.informational = False
         self.skip_body = False
@@ -100,7 +100,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser = httptools.HttpResponseParser(self)
         self.ex, self.client = ex, client
         self.headers = []
-        self.head_bytes = 0
+        self.head_bytes = self.head_raw = 0
         self.received = self.informational = self.skip_body = self.eof_body = False
         self.skip_body = ex.method == "HEAD"
         timeouts = ex.route.config.timeouts if ex.route is not None else None
@@ -157,6 +157,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._start_tunnel(data[e.args[0] :])
         except httptools.HttpParserError:
             self._fail("the upstream sent a malformed response")
+        else:
+            # httptools holds a header line until it ends, where on_header cannot count it: while the
+            # head is still open after a read, that whole read was head bytes.
+            ex = self.ex
+            if ex is not None and not ex.response_started:
+                self.head_raw += len(data)
+                if self.head_raw > MAX_RESPONSE_HEAD_BYTES:
+                    self._fail("the upstream's response head is too large")
 
     def on_status(self, reason: bytes) -> None:
         self.reason = reason

@@ -27,7 +27,7 @@ class KeyRecord:
     scopes: list[str] = field(default_factory=list)
     allow_ips: list[str] = field(default_factory=list)
     limits: list[str] = field(default_factory=list)
-    status: str = "active"  # active | revoked
+    status: str = "active"  # active | suspended | revoked
     created_at: datetime = field(default_factory=utcnow)
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
@@ -65,8 +65,8 @@ class KeyRecord:
         }
 
     def display_status(self, now: datetime | None = None) -> str:
-        if self.status == "revoked":
-            return "revoked"
+        if self.status in ("revoked", "suspended"):
+            return self.status
         exp = self.effective_expiry()
         if exp is not None and exp <= (now or utcnow()):
             return "expired"

@@ -236,14 +236,34 @@ class KeyService:
         self._evict(record.id)
         return record
 
+    async def suspend(self, key_id: str, *, reason: str = "", actor: str = "cli", source_ip: str = "") -> KeyRecord:
+        """Refuse the key with 403 key_suspended until an admin lifts it (anomaly action `suspend`)."""
+        record = await self.get(key_id)
+        if record.status != "active":
+            return record
+        record.status = "suspended"
+        audit = AuditEntry("suspend", actor, source_ip, record.id, {"reason": reason[:500]}, at=self.clock.now())
+        await self.store.update_key(record, audit)
+        self._evict(record.id)
+        return record
+
+    async def unsuspend(self, key_id: str, *, actor: str = "cli", source_ip: str = "") -> KeyRecord:
+        record = await self.get(key_id)
+        if record.status != "suspended":
+            raise Conflict(f"the key is {record.status}, not suspended")
+        record.status = "active"
+        await self.store.update_key(record, AuditEntry("unsuspend", actor, source_ip, record.id, {}, at=self.clock.now()))
+        self._evict(record.id)
+        return record
+
     async def rotate(
         self, key_id: str, *, grace: str = "24h", actor: str = "cli", source_ip: str = ""
     ) -> tuple[KeyRecord, str, KeyRecord]:
         """Issue a successor; the old key works until the grace ends, never past its own expiry."""
         grace_seconds = parse_grace(grace)
         old = await self.get(key_id)
-        if old.status == "revoked":
-            raise Conflict("a revoked key cannot be rotated")
+        if old.status != "active":
+            raise Conflict(f"a {old.status} key cannot be rotated")
         if old.rotated_to:
             raise Conflict(f"this key was already rotated to {old.rotated_to}; rotate that one")
         now = self.clock.now()
@@ -271,9 +291,14 @@ class KeyService:
         self._evict(old.id)
         return new, raw, old
 
-    async def audit(self, since: str | None = None, key_id: str | None = None, limit: int = 1000) -> list[AuditEntry]:
+    async def audit(
+        self, since: str | None = None, key_id: str | None = None, limit: int = 1000, action: str | None = None
+    ) -> list[AuditEntry]:
         start = self.clock.now() - timedelta(seconds=check_duration("since", since)) if since else None
-        return await self.store.list_audit(since=start, key_id=key_id, limit=limit)
+        if action is None:
+            return await self.store.list_audit(since=start, key_id=key_id, limit=limit)
+        entries = await self.store.list_audit(since=start, key_id=key_id, limit=max(limit, 10_000))
+        return [e for e in entries if e.action == action][:limit]
 
     def _evict(self, key_id: str) -> None:
         if self.cache is not None:

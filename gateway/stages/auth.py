@@ -22,7 +22,25 @@ from gateway.store.base import StoreUnavailable
 
 # Outcomes that count towards the brute-force throttle (a request without any key does not).
 _FAILURES = frozenset(["invalid_api_key", "expired_api_key", "multiple_api_keys"])
+REDACTED = b"REDACTED-API-KEY"
 QUERY_WARNING = b'api-key-in-query; send the key in the Authorization or X-API-Key header instead'
+
+
+# Headers that may carry a copy of the key (a page URL with ?api_key=…, a cookie): checked once the
+# key is known, and the copy replaced, so only the credential header holds it (and that is dropped).
+CARRIERS = frozenset([b"referer", b"cookie", b"x-original-url", b"x-forwarded-uri"])
+
+
+def _scrub(ex: Exchange, key: bytes, source: bytes | None, carriers: bool) -> None:
+    """Replace copies of the key in carrier headers and in other query parameters."""
+    if carriers:
+        ex.headers = [
+            (name, value.replace(key, REDACTED)) if name in CARRIERS and name != source else (name, value)
+            for name, value in ex.headers
+        ]
+    query = ex.query
+    if len(query) >= len(key) and key in query:
+        ex.query = query.replace(key, REDACTED)
 
 
 def _invalid() -> GatewayError:
@@ -49,9 +67,12 @@ class KeyAuth:
         self.clock = clock
         self.metrics = metrics
         self.headers = frozenset(h.encode() for h in headers)
+        self.watched = self.headers | CARRIERS
         self.query_names = frozenset(n.encode() for n in query_names)
         self.query_needles = tuple(n.encode() + b"=" for n in query_names)
         self.warn_before = warn_before
+        # `sk_live_` and four random characters: enough to group guesses, far too little to use.
+        self.prefix_length = len(fmt.prefix) + 10
         self.last_used: dict[str, float] = {}
 
     def reject(self, reason: str, err: GatewayError) -> GatewayError:
@@ -62,6 +83,11 @@ class KeyAuth:
         """Status and expiry of a found key; on success the request carries it as its principal."""
         record = entry.record
         if record.status != "active":
+            if record.status == "suspended":
+                raise self.reject(
+                    "suspended",
+                    GatewayError("key_suspended", "this key is suspended after unusual activity; ask an admin to lift it"),
+                )
             raise self.reject("revoked", _invalid())
         if entry.expiry <= now:
             raise self.reject("expired", GatewayError("expired_api_key", "the API key has expired; renew it"))
@@ -132,6 +158,7 @@ class AuthStage:
             if self.required:
                 raise auth.reject("missing", GatewayError("missing_api_key", "this route needs an API key"))
             return None
+        ex.key_prefix = key[: auth.prefix_length].decode("latin-1")
         now = auth.clock.time()
         found = auth.verify(key, now)
         if found is None:
@@ -158,8 +185,12 @@ class AuthStage:
         auth = self.auth
         found: bytes | None = None
         source: bytes | None = None
+        carriers = False
         for name, value in ex.headers:
+            if name not in auth.watched:
+                continue
             if name not in auth.headers:
+                carriers = True
                 continue
             if name == b"authorization":
                 scheme, _, cred = value.strip().partition(b" ")
@@ -177,6 +208,8 @@ class AuthStage:
         # A percent-encoded name (`api%5Fkey=`) is the same parameter to the upstream's decoder.
         if query and (b"%" in query or any(n in query for n in auth.query_needles)):
             found = self._from_query(ex, found)
+        if found is not None and (carriers or query):
+            _scrub(ex, found, source, carriers)
         return found
 
     def _from_query(self, ex: Exchange, header_key: bytes | None) -> bytes | None:

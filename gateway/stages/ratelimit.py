@@ -21,6 +21,18 @@ from gateway.ratelimit.policy import (
 _MAX_CACHED = 100_000
 
 
+def _one_per_period(limits: list[Limit]) -> list[Limit]:
+    """The tightest limit of each period. A key's stored limits may name a period twice (`3/minute`
+    and `5/minute`); both would share one counter, named after the period, and count every request
+    twice. The looser one can never refuse first, so it is dropped."""
+    tightest: dict[int, Limit] = {}
+    for lim in limits:
+        seen = tightest.get(lim.period)
+        if seen is None or lim.count < seen.count:
+            tightest[lim.period] = lim
+    return [lim for lim in limits if tightest[lim.period] is lim]
+
+
 class RateLimitStage:
     def __init__(
         self,
@@ -50,7 +62,7 @@ class RateLimitStage:
             return plan[1], plan[2]
         tag = "{" + record.owner + "}"
         if record.limits:
-            own: list[Limit] = parse_limits(record.limits)
+            own: list[Limit] = _one_per_period(parse_limits(record.limits))
             base = f"rl:{tag}:k:{record.id}:"
         else:
             own = self.route_limits
@@ -72,15 +84,19 @@ class RateLimitStage:
             return None
         decision = self.limiter.hit(counters)
         if isinstance(decision, Decision):
-            self._apply(ex, decision, header)
+            self._apply(ex, decision, header, counters[0][1])
             return None
-        return self._finish(ex, decision, header)
+        return self._finish(ex, decision, header, counters[0][1])
 
-    async def _finish(self, ex: Exchange, pending: Awaitable[Decision], header: bytes) -> None:
-        self._apply(ex, await pending, header)
+    async def _finish(self, ex: Exchange, pending: Awaitable[Decision], header: bytes, first: Limit) -> None:
+        self._apply(ex, await pending, header, first)
 
-    def _apply(self, ex: Exchange, d: Decision, header: bytes) -> None:
+    def _apply(self, ex: Exchange, d: Decision, header: bytes, first: Limit) -> None:
         if d.outcomes:
+            if d.outcomes[0].limit is not first:
+                # Decided on other limits than planned: the failure policy's local share (limit ÷
+                # replicas). The policy field describes the quota actually enforced, like `r` and `t`.
+                header = policy_header([o.limit for o in d.outcomes])
             extra = ex.response_extra
             extra.append((b"RateLimit-Policy", header))
             extra.append((b"RateLimit", state_header(d.outcomes)))

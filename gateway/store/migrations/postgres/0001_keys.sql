@@ -13,7 +13,7 @@ CREATE TABLE api_keys (
     scopes         text[]      NOT NULL DEFAULT '{}',
     allow_ips      text[]      NOT NULL DEFAULT '{}',
     limits         text[]      NOT NULL DEFAULT '{}',
-    status         text        NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'revoked')),
+    status         text        NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'revoked', 'suspended')),
     created_at     timestamptz NOT NULL,
     expires_at     timestamptz,
     revoked_at     timestamptz,

@@ -14,7 +14,7 @@ CREATE TABLE api_keys (
     scopes         TEXT    NOT NULL DEFAULT '[]',
     allow_ips      TEXT    NOT NULL DEFAULT '[]',
     limits         TEXT    NOT NULL DEFAULT '[]',
-    status         TEXT    NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'revoked')),
+    status         TEXT    NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'revoked', 'suspended')),
     created_at     TEXT    NOT NULL,
     expires_at     TEXT,
     revoked_at     TEXT,

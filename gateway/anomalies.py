@@ -1,0 +1,194 @@
+"""Anomaly detection over the requests a process serves, with an injected clock and bounded state.
+
+Kinds (each with its threshold in `anomalies.*`):
+- `rate_spike`: a key's requests in a window far above its own EWMA baseline of earlier windows;
+- `new_network`: a request from a network (/24, /48) new to a key whose set of networks was stable;
+- `shared_key`: one key seen from more than N addresses in a window;
+- `auth_failures_ip` / `auth_failures_prefix`: bursts of failed authentications from one address,
+  or with keys sharing a prefix (someone trying variations of one key);
+- `scope_refusals`: bursts of insufficient-scope refusals for one key.
+Each event is reported once per kind, subject and window to `on_event`, which records it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.clock import Clock
+from gateway.config.schema import AnomaliesConfig
+from gateway.http.exchange import Exchange
+
+AUTH_FAILURES = frozenset(["invalid_api_key", "expired_api_key", "multiple_api_keys"])
+
+
+@dataclass(slots=True)
+class Anomaly:
+    kind: str
+    key_id: str | None
+    subject: str  # the key id, address or key prefix the event is about
+    detail: dict[str, object]
+    at: float
+    action: str = "alert"
+
+
+@dataclass(slots=True)
+class _KeyState:
+    window: int = -1
+    count: int = 0
+    baseline: float = 0.0
+    windows_seen: int = 0
+    spiked: bool = False
+    addresses: set[str] = field(default_factory=set)
+    shared: bool = False
+    scope_refusals: int = 0
+    scope_alerted: bool = False
+    networks: dict[str, float] = field(default_factory=dict)
+    first_seen: float = 0.0
+    last_new_network: float = 0.0
+
+
+@dataclass(slots=True)
+class _Tally:
+    window: int = -1
+    count: int = 0
+    alerted: bool = False
+
+    def add(self, window: int) -> int:
+        if window != self.window:
+            self.window, self.count, self.alerted = window, 0, False
+        self.count += 1
+        return self.count
+
+
+def _network(ip: str, v4: int, v6: int) -> str:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    bits = v4 if addr.version == 4 else v6
+    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
+
+
+class AnomalyDetector:
+    def __init__(self, cfg: AnomaliesConfig, clock: Clock, on_event: Callable[[Anomaly], None]) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.on_event = on_event
+        self.keys: OrderedDict[str, _KeyState] = OrderedDict()
+        self.ips: OrderedDict[str, _Tally] = OrderedDict()
+        self.prefixes: OrderedDict[str, _Tally] = OrderedDict()
+        self.window = cfg.window
+
+    def observe(self, ex: Exchange) -> None:
+        """Called once per finished exchange; O(1) in the common case."""
+        now = self.clock.time()
+        window = int(now // self.window)
+        p = ex.principal
+        code = ex.error_code
+        if p is not None:
+            self._key(p.record.id, ex.client_ip, code, now, window)
+        elif code in AUTH_FAILURES:
+            self._auth_failure(ex, now, window)
+
+    # --- per key -------------------------------------------------------------------------------
+    def _state(self, key_id: str, now: float) -> _KeyState:
+        keys = self.keys
+        st = keys.get(key_id)
+        if st is None:
+            st = keys[key_id] = _KeyState(first_seen=now, last_new_network=now)
+            if len(keys) > self.cfg.max_tracked:
+                keys.popitem(last=False)
+        else:
+            keys.move_to_end(key_id)
+        return st
+
+    def _key(self, key_id: str, ip: str, code: str, now: float, window: int) -> None:
+        cfg = self.cfg
+        st = self._state(key_id, now)
+        if window != st.window:
+            self._roll(st, window)
+        st.count += 1
+        spike = cfg.rate_spike
+        if (
+            not st.spiked
+            and st.windows_seen >= spike.warmup_windows
+            and st.count >= spike.min_requests
+            and st.count > spike.factor * max(st.baseline, 1.0)
+        ):
+            st.spiked = True
+            self._emit("rate_spike", key_id, key_id, {"requests": st.count, "baseline": round(st.baseline, 2)}, now,
+                       spike.action)
+        if not st.shared and ip not in st.addresses:
+            st.addresses.add(ip)
+            if len(st.addresses) > cfg.shared_key.max_addresses:
+                st.shared = True
+                self._emit("shared_key", key_id, key_id, {"addresses": len(st.addresses)}, now, cfg.shared_key.action)
+        self._networks(st, key_id, ip, now)
+        if code == "insufficient_scope":
+            st.scope_refusals += 1
+            if not st.scope_alerted and st.scope_refusals > cfg.scope_refusals.threshold:
+                st.scope_alerted = True
+                self._emit("scope_refusals", key_id, key_id, {"refusals": st.scope_refusals}, now,
+                           cfg.scope_refusals.action)
+
+    def _roll(self, st: _KeyState, window: int) -> None:
+        """Close the windows since the last request: each one, empty or not, updates the baseline."""
+        alpha = self.cfg.rate_spike.alpha
+        if st.window >= 0:
+            missed = min(window - st.window - 1, 1000)
+            st.baseline = alpha * st.count + (1 - alpha) * st.baseline
+            st.baseline *= (1 - alpha) ** max(missed, 0)
+            st.windows_seen += 1 + max(missed, 0)
+        st.window = window
+        st.count = 0
+        st.spiked = st.shared = st.scope_alerted = False
+        st.addresses = set()
+        st.scope_refusals = 0
+
+    def _networks(self, st: _KeyState, key_id: str, ip: str, now: float) -> None:
+        cfg = self.cfg.new_network
+        net = _network(ip, cfg.prefix_v4, cfg.prefix_v6)
+        nets = st.networks
+        if net in nets:
+            nets[net] = now
+            return
+        stable = bool(nets) and now - st.last_new_network >= cfg.stable_after
+        if len(nets) >= cfg.max_networks:
+            oldest = min(nets, key=nets.__getitem__)
+            del nets[oldest]
+        nets[net] = now
+        st.last_new_network = now
+        if stable:
+            self._emit("new_network", key_id, key_id, {"network": net, "known": len(nets) - 1}, now, cfg.action)
+
+    # --- authentication failures ---------------------------------------------------------------
+    def _auth_failure(self, ex: Exchange, now: float, window: int) -> None:
+        cfg = self.cfg.auth_failures
+        ip = ex.client_ip
+        tally = _bounded(self.ips, ip, self.cfg.max_tracked)
+        if tally.add(window) > cfg.per_ip and not tally.alerted:
+            tally.alerted = True
+            self._emit("auth_failures_ip", None, ip, {"failures": tally.count}, now, "alert")
+        prefix = ex.key_prefix
+        if prefix:
+            tally = _bounded(self.prefixes, prefix, self.cfg.max_tracked)
+            if tally.add(window) > cfg.per_prefix and not tally.alerted:
+                tally.alerted = True
+                self._emit("auth_failures_prefix", None, prefix, {"failures": tally.count}, now, "alert")
+
+    def _emit(self, kind: str, key_id: str | None, subject: str, detail: dict[str, object], now: float, action: str) -> None:
+        self.on_event(Anomaly(kind, key_id, subject, detail, now, action))
+
+
+def _bounded(table: OrderedDict[str, _Tally], name: str, cap: int) -> _Tally:
+    tally = table.get(name)
+    if tally is None:
+        tally = table[name] = _Tally()
+        if len(table) > cap:
+            table.popitem(last=False)
+    else:
+        table.move_to_end(name)
+    return tally
