@@ -58,7 +58,10 @@ class Gateway:
         self.services = await open_services(self.config)
         self.services.start_background()
         self.proxy = ProxyServer(self.config, loop, self.services)
-        await self.proxy.start()
+        try:
+            await self.proxy.start()
+        except OSError as e:
+            raise StartupError(f"cannot start the proxy listener on {_shown(self.config.listen)}: {e}") from None
         if self.metrics_dir is not None:
             self._snapshots = loop.create_task(self._snapshot_loop(self.metrics_dir))
         if self.with_admin:
@@ -73,7 +76,10 @@ class Gateway:
         await self.admin_runner.setup()
         host, port = self.config.admin.listen
         site = web.TCPSite(self.admin_runner, host, port, reuse_port=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            raise StartupError(f"cannot start the admin listener on {_shown((host, port))}: {e}") from None
 
     async def stop(self) -> bool:
         """Readiness false, listeners closed, in-flight requests finished (up to shutdown_timeout)."""
@@ -134,6 +140,11 @@ async def open_services(config: GatewayConfig) -> Services:
         raise StartupError(f"the key store at {_redact(config.store)} is unavailable: {e}") from None
 
 
+def _shown(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _redact(url: str) -> str:
     """A store URL without its password, fit for a log line."""
     from urllib.parse import urlsplit, urlunsplit
@@ -158,7 +169,11 @@ def _supervise(config: GatewayConfig, workers: int) -> int:
     host, port = config.listen
     probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    probe.bind((host, port))
+    try:
+        probe.bind((host, port))
+    except OSError as e:
+        probe.close()
+        raise StartupError(f"cannot listen on {_shown((host, port))}: {e.strerror or e}") from None
     children: list[int] = []
     metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
     ready_r, ready_w = os.pipe()
@@ -173,15 +188,49 @@ def _supervise(config: GatewayConfig, workers: int) -> int:
             worker = Gateway(config, admin=False)
             worker.ready_fd = ready_w
             worker.metrics_dir = metrics_dir
-            code = asyncio.run(worker.serve())
-            os._exit(code)
+            code = 1
+            try:  # never return into the supervisor's code: a worker ends here, whatever happens
+                code = asyncio.run(worker.serve())
+            except StartupError as e:
+                print(f"gateway: worker {os.getpid()}: {e}", file=sys.stderr)
+            except KeyboardInterrupt:
+                code = 130
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
         children.append(pid)
     probe.close()
     os.close(ready_w)
     try:
         return asyncio.run(_supervisor_loop(config, children, ready_r, metrics_dir))
+    except BaseException:
+        _stop_workers(children, config.shutdown_timeout + config.shutdown_delay + 5)
+        raise
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _stop_workers(children: list[int], timeout: float) -> None:
+    """The supervisor is failing: SIGTERM the workers still running, SIGKILL them after `timeout`."""
+    import time
+
+    alive = []
+    for pid in children:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                os.kill(pid, signal.SIGTERM)
+                alive.append(pid)
+        except ChildProcessError:
+            pass
+    deadline = time.monotonic() + timeout
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if os.waitpid(pid, os.WNOHANG)[0] == 0]
+        time.sleep(0.05)
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 async def _workers_listening(fd: int, workers: int) -> bool:
@@ -227,13 +276,17 @@ async def _supervisor_loop(config: GatewayConfig, children: list[int], ready_fd:
 
     readiness = asyncio.ensure_future(until_listening())
 
+    failed = False  # a worker ended on its own: the exit code says so
+
     async def reap() -> None:
+        nonlocal failed
         while alive:
             for pid in list(alive):
                 done, status = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks
                 if done:
                     alive.discard(pid)
                     if not stopping.is_set():
+                        failed = True
                         log.error("worker %d exited (status %d); stopping", pid, status)
                         stopping.set()
             await asyncio.sleep(0.1)

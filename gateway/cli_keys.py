@@ -16,6 +16,7 @@ from gateway.keys.peppers import PepperMissing
 from gateway.keys.service import Conflict, InvalidInput, KeyNotFound
 from gateway.services import Services
 from gateway.store import StoreUnavailable
+from gateway.usage.report import as_csv, as_json, as_table, usage_rows
 
 Action = Callable[[Services, argparse.Namespace], Awaitable[int]]
 
@@ -127,6 +128,17 @@ async def _anomalies(s: Services, a: argparse.Namespace) -> int:
     return 0
 
 
+async def _usage(s: Services, a: argparse.Namespace) -> int:
+    rows = await usage_rows(s.store, s.clock.now(), a.since, a.by, a.key, a.owner)
+    if a.json:
+        print(as_json(rows))
+    elif a.csv:
+        print(as_csv(rows), end="")
+    else:
+        print(as_table(rows, a.by))
+    return 0
+
+
 async def _audit(s: Services, a: argparse.Namespace) -> int:
     entries = await s.keys.audit(a.since, a.key)
     if a.json:
@@ -149,7 +161,7 @@ async def _migrate(s: Services, a: argparse.Namespace) -> int:
 ACTIONS: dict[str, Action] = {
     "create": _create, "list": _list, "show": _show, "update": _update, "revoke": _revoke,
     "rotate": _rotate, "audit": _audit, "migrate": _migrate, "suspend": _suspend, "unsuspend": _unsuspend,
-    "anomalies": _anomalies,
+    "anomalies": _anomalies, "usage": _usage,
 }
 
 
@@ -217,6 +229,13 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, func: Callable[[argpa
     p = ksub.add_parser("unsuspend", parents=[common], help="lift a suspension")
     p.add_argument("id")
     keys.set_defaults(func=func)
+    p = sub.add_parser("usage", parents=[common], help="requests, errors, refusals, bytes and latency percentiles")
+    p.add_argument("--key", help="only this key id")
+    p.add_argument("--owner", help="only this owner")
+    p.add_argument("--since", default="24h")
+    p.add_argument("--by", default="key", choices=["key", "owner", "route", "day"])
+    p.add_argument("--csv", action="store_true")
+    p.set_defaults(func=func, action="usage")
     p = sub.add_parser("anomalies", parents=[common], help="anomalies detected (rate spikes, shared keys, …)")
     p.add_argument("--since", default="7d")
     p.add_argument("--key", help="only this key id")

@@ -147,7 +147,10 @@ class ProxyServer:
         if tls is None:
             return None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(tls.cert, tls.key)
+        try:
+            ctx.load_cert_chain(tls.cert, tls.key)
+        except OSError as e:  # ssl.SSLError too; neither names the file
+            raise OSError(f"cannot load tls.cert {tls.cert!r} with tls.key {tls.key!r}: {e.strerror or e}") from None
         ctx.set_alpn_protocols(["http/1.1"])
         return ctx
 

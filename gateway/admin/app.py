@@ -14,7 +14,7 @@ from gateway.config.schema import GatewayConfig
 from gateway.services import Services
 
 READY = web.AppKey("ready", dict)
-SERVICES = web.AppKey("services", Services)
+SERVICES = keys.SERVICES_KEY
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 
 

@@ -10,9 +10,12 @@ from aiohttp import web
 
 from gateway.admin.auth import ACTOR, problem
 from gateway.keys.service import Conflict, InvalidInput, KeyNotFound, KeyService
+from gateway.services import Services
 from gateway.store.base import StoreUnavailable
+from gateway.usage.report import as_csv, as_dicts, usage_rows
 
 SERVICE = web.AppKey("key_service", KeyService)
+SERVICES_KEY = web.AppKey("services", Services)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _CREATE = {"owner", "name", "env", "scopes", "allow_ips", "limits", "ttl", "no_expiry"}
@@ -139,6 +142,17 @@ async def anomalies(request: web.Request) -> web.Response:
     return web.json_response({"anomalies": [e.public() for e in entries]})
 
 
+async def usage(request: web.Request) -> web.Response:
+    q = request.query
+    services = request.app[SERVICES_KEY]
+    rows = await usage_rows(
+        services.store, services.clock.now(), q.get("since", "24h"), q.get("by", "key"), q.get("key"), q.get("owner")
+    )
+    if q.get("format") == "csv":
+        return web.Response(text=as_csv(rows), content_type="text/csv")
+    return web.json_response({"by": q.get("by", "key"), "rows": as_dicts(rows)})
+
+
 async def audit(request: web.Request) -> web.Response:
     try:
         limit = int(request.query.get("limit", "1000"))
@@ -163,4 +177,5 @@ def add_routes(app: web.Application) -> list[web.AbstractRoute]:
         r.add_post("/admin/keys/{id}/unsuspend", unsuspend_key),
         r.add_get("/admin/audit", audit),
         r.add_get("/admin/anomalies", anomalies),
+        r.add_get("/admin/usage", usage),
     ]

@@ -10,7 +10,7 @@ _KEY = {
     "properties": {
         "id": {"type": "string"}, "name": {"type": "string"}, "owner": {"type": "string"},
         "env": {"type": "string", "enum": ["live", "test"]}, "scopes": _STR_LIST, "allow_ips": _STR_LIST,
-        "limits": _STR_LIST, "status": {"type": "string", "enum": ["active", "rotating", "expired", "revoked"]},
+        "limits": _STR_LIST, "status": {"type": "string", "enum": ["active", "rotating", "expired", "suspended", "revoked"]},
         "hint": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
         "expires_at": {"type": ["string", "null"], "format": "date-time"},
         "revoked_at": {"type": ["string", "null"], "format": "date-time"},
@@ -85,6 +85,28 @@ DOCUMENT: dict[str, Any] = {
                         {"201": _json(_KEY_WITH_SECRET, "Created"), "404": _PROBLEM, "409": _PROBLEM},
                         body={"type": "object", "properties": {"grace": {"type": "string", "examples": ["24h"]}}},
                         params=[_ID]),
+        },
+        "/admin/keys/{id}/suspend": {
+            "post": _op("Suspend a key: 403 key_suspended until lifted", {"200": _json(_KEY_REF), "404": _PROBLEM},
+                        body={"type": "object", "properties": {"reason": {"type": "string"}}}, params=[_ID]),
+        },
+        "/admin/keys/{id}/unsuspend": {
+            "post": _op("Lift a suspension", {"200": _json(_KEY_REF), "404": _PROBLEM, "409": _PROBLEM}, params=[_ID]),
+        },
+        "/admin/usage": {
+            "get": _op("Requests, errors, refusals by code, bytes, latency p50/p95/p99",
+                       {"200": _json({"type": "object", "properties": {"by": {"type": "string"}, "rows": {"type": "array"}}}),
+                        "400": _PROBLEM},
+                       params=[{"name": "since", "in": "query", "schema": {"type": "string", "examples": ["24h"]}},
+                               {"name": "by", "in": "query", "schema": {"type": "string", "enum": ["key", "owner", "route", "day"]}},
+                               {"name": "key", "in": "query", "schema": {"type": "string"}},
+                               {"name": "owner", "in": "query", "schema": {"type": "string"}},
+                               {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}}]),
+        },
+        "/admin/anomalies": {
+            "get": _op("Anomalies detected, newest first", {"200": _json({"type": "object"})},
+                       params=[{"name": "since", "in": "query", "schema": {"type": "string", "examples": ["7d"]}},
+                               {"name": "key_id", "in": "query", "schema": {"type": "string"}}]),
         },
         "/admin/audit": {
             "get": _op("The audit trail, newest first", {"200": _json({"type": "object"})},

@@ -242,6 +242,10 @@ class ClientConnection(asyncio.Protocol):
             ex.body_kind = BODY_NONE
         if ex.body_kind == BODY_NONE:
             ex.body_complete = True
+        elif ex.upgrade:
+            # llhttp hands everything after an upgrade head over as tunnel bytes, body included: it
+            # would never reach on_body, and the upstream would wait for a body that never comes.
+            self._refuse(GatewayError("bad_request", "a protocol upgrade request cannot carry a body", close=True))
         else:
             self.deadline = self.loop.time() + self.server.body_timeout
             self.deadline_kind = D_BODY

@@ -7,22 +7,27 @@ timestamptz (microseconds, returned in UTC), list fields text[], audit changes j
 Connection failures, timeouts and server shutdowns surface as StoreUnavailable; constraint
 violations as ValueError, whose message never carries the stored values (PostgreSQL's DETAIL would
 show the digest).
+
+Usage batches are copied (COPY, binary) into a temporary staging table and inserted from there with
+ON CONFLICT (request_id) DO NOTHING, in one transaction. Reports and rollups are computed in SQL,
+latency percentiles with percentile_cont.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 
 from gateway.keys.model import AuditEntry, KeyRecord
-from gateway.store.base import KeyStore, StoreUnavailable
+from gateway.store.base import KeyStore, StoreUnavailable, UsageReport, UsageStore
 from gateway.store.migrate import (
     AUDIT_COLUMNS,
     KEY_COLUMNS,
@@ -31,6 +36,7 @@ from gateway.store.migrate import (
     list_migrations,
     require_aware,
 )
+from gateway.usage.record import FIELDS, UsageRecord
 
 POOL_MIN = 1
 POOL_MAX = 10
@@ -39,10 +45,14 @@ CONNECT_TIMEOUT = 5.0  # seconds to open one connection
 ACQUIRE_TIMEOUT = 5.0  # seconds to wait for a free pooled connection
 CLOSE_TIMEOUT = 5.0  # seconds for a graceful pool close before connections are terminated
 MIGRATION_TIMEOUT = 300.0  # seconds for one migration statement (or waiting for another process's)
+ROLLUP_TIMEOUT = 300.0  # seconds for one rollup statement (or waiting for another process's rollup)
+REPORT_TIMEOUT = 60.0  # seconds for a usage report
 
 # pg_advisory_xact_lock key serialising migrations across processes: the first 8 bytes of
 # sha256("keygate schema migrations"), as a signed bigint.
 MIGRATION_LOCK = -0x2A8E_0FC2_345B_2375
+# pg_advisory_xact_lock key serialising usage rollups across processes (an arbitrary constant).
+ROLLUP_LOCK = 0x7573_6167_6572_6F6C
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
@@ -95,7 +105,7 @@ def _where(url: str) -> str:
     return f"{host}{port}{parts.path or ''}"
 
 
-class PostgresStore(KeyStore):
+class PostgresStore(KeyStore, UsageStore):
     def __init__(
         self,
         url: str,

@@ -7,23 +7,28 @@ enforced. Writes that change a key run in one BEGIN IMMEDIATE transaction with t
 
 Timestamps are stored as fixed-width ISO-8601 UTC text ('2024-05-01T12:00:00.000000Z'), so text
 order is time order and values round-trip to the microsecond. List fields and audit changes are JSON.
+
+Usage records are written with executemany on the worker thread. Reports and rollups are computed in
+SQL: latency percentiles come from window functions (row_number over latency_ms within a group) with
+the linear interpolation of PostgreSQL's percentile_cont, so both stores report the same numbers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from gateway.keys.model import AuditEntry, KeyRecord
-from gateway.store.base import KeyStore, StoreUnavailable
+from gateway.store.base import KeyStore, StoreUnavailable, UsageReport, UsageStore
 from gateway.store.migrate import (
     AUDIT_COLUMNS,
     KEY_COLUMNS,
@@ -32,6 +37,7 @@ from gateway.store.migrate import (
     list_migrations,
     require_aware,
 )
+from gateway.usage.record import FIELDS, UsageRecord
 
 T = TypeVar("T")
 
@@ -57,6 +63,116 @@ _MIGRATIONS_TABLE = (
     "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT NOT NULL PRIMARY KEY, applied_at TEXT NOT NULL)"
 )
 
+# --- usage statements ------------------------------------------------------------------------------
+# A bucket is the text of its start: the hour or day prefix of a timestamp, completed with zeros.
+_HOUR_OF = "substr({}, 1, 13) || ':00:00.000000Z'"
+_DAY_OF = "substr({}, 1, 10) || 'T00:00:00.000000Z'"
+_INSERT_USAGE = (
+    f"INSERT OR IGNORE INTO usage_records ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"  # noqa: S608
+)
+_MARK_USAGE = "INSERT OR IGNORE INTO usage_rollup_pending (grain, bucket) VALUES (?, ?)"
+_PENDING = "FROM usage_rollup_pending WHERE (grain = 'hour' AND bucket < ?) OR (grain = 'day' AND bucket < ?)"
+_ROLLUP_KEYS = "bucket, key_id, owner, route"
+_ROLLUP_COLUMNS = f"{_ROLLUP_KEYS}, requests, errors, bytes_in, bytes_out, p50_ms, p95_ms, p99_ms"
+_PERCENTILES = (("p50_ms", "0.5"), ("p95_ms", "0.95"), ("p99_ms", "0.99"))
+
+
+def _percentile(p: str) -> str:
+    """percentile_cont(p) of latency_ms over a group, as PostgreSQL computes it: with the rows of the
+    group ranked 0..m_ by latency (i_), x = p * m_; the result is v[floor x] + (v[ceil x] - v[floor x])
+    * (x - floor x). The same double-precision operations in the same order, so the same value."""
+    x = f"({p} * m_)"
+    lo = f"CAST({x} AS INTEGER)"  # floor: x is never negative
+    lo_v = f"max(CASE WHEN i_ = {lo} THEN latency_ms END)"
+    hi_v = f"max(CASE WHEN i_ = {lo} + ({x} > {lo}) THEN latency_ms END)"
+    return f"({lo_v} + ({hi_v} - {lo_v}) * max({x} - {lo}))"
+
+
+def _stats(source: str, keys: str) -> str:
+    """Requests, 5xx errors, bytes and latency percentiles of the rows of `source` (which has the
+    columns `keys`, status, bytes_in, bytes_out, latency_ms), one row per group of `keys`."""
+    percentiles = ", ".join(f"{_percentile(p)} AS {name}" for name, p in _PERCENTILES)
+    return (
+        f"SELECT {keys}, count(*) AS requests, sum(status >= 500) AS errors, sum(bytes_in) AS bytes_in, "  # noqa: S608
+        f"sum(bytes_out) AS bytes_out, {percentiles} "
+        f"FROM (SELECT *, row_number() OVER (PARTITION BY {keys} ORDER BY latency_ms) - 1 AS i_, "
+        f"count(*) OVER (PARTITION BY {keys}) - 1 AS m_ FROM {source}) GROUP BY {keys}"
+    )
+
+
+def _combined(column: str) -> str:
+    """A percentile over several pieces (rollup buckets, raw rows): exact when there is one piece,
+    otherwise approximated by the request-weighted mean of the pieces' percentiles."""
+    return f"CASE WHEN count(*) = 1 THEN max({column}) ELSE sum({column} * requests) / sum(requests) END"
+
+
+def _raw_source(bucket: str, where: str) -> str:
+    """Raw rows with the rollup keys ('' for a missing key, owner or route)."""
+    return (
+        f"(SELECT {bucket} AS bucket, coalesce(key_id, '') AS key_id, coalesce(owner, '') AS owner, "  # noqa: S608
+        "coalesce(route, '') AS route, status, error_code, bytes_in, bytes_out, latency_ms "
+        f"FROM usage_records WHERE {where})"
+    )
+
+
+def _refusals_from(source: str) -> str:
+    return (
+        f"SELECT {_ROLLUP_KEYS}, error_code, count(*) FROM {source} "  # noqa: S608
+        f"WHERE error_code IS NOT NULL GROUP BY {_ROLLUP_KEYS}, error_code"
+    )
+
+
+def _rollup_statements(table: str) -> tuple[str, str]:
+    """Roll one bucket of usage_hourly or usage_daily (:bucket, raw rows in [:lo, :hi)) up from raw rows."""
+    source = _raw_source(":bucket", "at >= :lo AND at < :hi")
+    return (
+        f"INSERT INTO {table} ({_ROLLUP_COLUMNS}) {_stats(source, _ROLLUP_KEYS)}",
+        f"INSERT INTO {table}_refusals ({_ROLLUP_KEYS}, error_code, requests) {_refusals_from(source)}",
+    )
+
+
+_HOURLY_FROM_RAW = _rollup_statements("usage_hourly")
+_DAILY_FROM_RAW = _rollup_statements("usage_daily")
+# A day whose first raw rows are gone already: summed from its hourly rollups.
+_DAILY_FROM_HOURLY = (
+    f"INSERT INTO usage_daily ({_ROLLUP_COLUMNS}) SELECT :bucket, key_id, owner, route, sum(requests), "  # noqa: S608
+    "sum(errors), sum(bytes_in), sum(bytes_out), "
+    + ", ".join(_combined(name) for name, _ in _PERCENTILES)
+    + " FROM usage_hourly WHERE bucket >= :lo AND bucket < :hi GROUP BY key_id, owner, route",
+    "INSERT INTO usage_daily_refusals (bucket, key_id, owner, route, error_code, requests) "
+    "SELECT :bucket, key_id, owner, route, error_code, sum(requests) FROM usage_hourly_refusals "
+    "WHERE bucket >= :lo AND bucket < :hi GROUP BY key_id, owner, route, error_code",
+)
+# Raw rows older than raw_from arrived after their hour was folded and purged (a late spool replay):
+# added to the hourly rollups (percentiles merged as a request-weighted mean), then deleted.
+_LATE_SOURCE = _raw_source(_HOUR_OF.format("at"), "at < :raw_from")
+_FOLD_LATE = (
+    f"INSERT INTO usage_hourly ({_ROLLUP_COLUMNS}) {_stats(_LATE_SOURCE, _ROLLUP_KEYS)} "
+    f"ON CONFLICT ({_ROLLUP_KEYS}) DO UPDATE SET requests = requests + excluded.requests, "
+    "errors = errors + excluded.errors, bytes_in = bytes_in + excluded.bytes_in, "
+    "bytes_out = bytes_out + excluded.bytes_out, "
+    + ", ".join(
+        f"{name} = ({name} * requests + excluded.{name} * excluded.requests) / (requests + excluded.requests)"
+        for name, _ in _PERCENTILES
+    ),
+    f"INSERT INTO usage_hourly_refusals ({_ROLLUP_KEYS}, error_code, requests) {_refusals_from(_LATE_SOURCE)} "
+    f"ON CONFLICT ({_ROLLUP_KEYS}, error_code) DO UPDATE SET requests = requests + excluded.requests",
+    "DELETE FROM usage_records WHERE at < :raw_from",
+)
+# Report groups, over raw rows and over rollup rows ('' there is a missing key, owner or route).
+_RAW_GROUPS = {
+    "key": "coalesce(key_id, '-')",
+    "owner": "coalesce(owner, '-')",
+    "route": "coalesce(route, '-')",
+    "day": "substr(at, 1, 10)",
+}
+_ROLLUP_GROUPS = {
+    "key": "coalesce(nullif(key_id, ''), '-')",
+    "owner": "coalesce(nullif(owner, ''), '-')",
+    "route": "coalesce(nullif(route, ''), '-')",
+    "day": "substr(bucket, 1, 10)",
+}
+
 
 def parse_sqlite_url(url: str) -> str:
     """The file path of sqlite:///relative/path.db, sqlite:////absolute/path.db or sqlite:///:memory:."""
@@ -78,7 +194,7 @@ def parse_sqlite_url(url: str) -> str:
     return path if path == MEMORY else os.path.abspath(path)
 
 
-class SQLiteStore(KeyStore):
+class SQLiteStore(KeyStore, UsageStore):
     def __init__(self, url: str, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self.path = parse_sqlite_url(url)
         self.busy_timeout = busy_timeout
@@ -299,6 +415,89 @@ class SQLiteStore(KeyStore):
 
         return await self._run(list_)
 
+    # --- usage -----------------------------------------------------------------------------------
+
+    async def write_usage(self, records: list[UsageRecord]) -> None:
+        if not records:
+            return
+        count = len(records)
+
+        def write(conn: sqlite3.Connection) -> None:
+            try:
+                rows = [(r[0], _epoch_ts(r[1]), *r[2:]) for r in records]
+                marks: set[tuple[str, str]] = set()
+                for row in rows:
+                    at = row[1]
+                    marks.add(("hour", at[:13] + ":00:00.000000Z"))
+                    marks.add(("day", at[:10] + "T00:00:00.000000Z"))
+                with _write(conn):
+                    conn.executemany(_INSERT_USAGE, rows)
+                    conn.executemany(_MARK_USAGE, sorted(marks))
+            except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
+                # Only the kind of error: the message could quote a record.
+                raise StoreUnavailable(
+                    f"SQLite store {self.path}: a usage batch of {count} records was not stored "
+                    f"({type(exc).__name__})"
+                ) from None
+
+        await self._run(write)
+
+    async def usage_report(
+        self,
+        since: datetime,
+        by: str,
+        key_id: str | None = None,
+        owner: str | None = None,
+    ) -> list[UsageReport]:
+        sql = _report_sql(by, key_id, owner)
+        since = require_aware(since, "since")
+        first_hour = _floor_hour(since)
+
+        def report(conn: sqlite3.Connection) -> list[Any]:
+            conn.execute("BEGIN")  # one snapshot for the state and the report
+            try:
+                raw_from = _from_ts(_rollup_state(conn)[2])
+                params = {
+                    "since": _ts(since),
+                    "key_id": key_id,
+                    "owner": owner,
+                    **{k: _ts(v) for k, v in _rollup_range(first_hour, raw_from).items()},
+                }
+                return conn.execute(sql, params).fetchall()
+            finally:
+                conn.execute("COMMIT")
+
+        rows = await self._run(report)
+        return [
+            UsageReport(
+                group=str(group),
+                requests=int(requests),
+                errors=int(errors),
+                refusals={str(k): int(v) for k, v in json.loads(refusals or "{}").items()},
+                bytes_in=int(bytes_in),
+                bytes_out=int(bytes_out),
+                p50_ms=p50,
+                p95_ms=p95,
+                p99_ms=p99,
+            )
+            for group, requests, errors, bytes_in, bytes_out, p50, p95, p99, refusals in rows
+        ]
+
+    async def rollup_usage(self, now: datetime, retention_seconds: float) -> None:
+        hours_to, days_to, cutoff = _rollup_bounds(now, retention_seconds)
+
+        def rollup(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                _rollup(conn, hours_to, days_to, cutoff)
+
+        await self._run(rollup)
+
+    async def count_usage(self) -> int:
+        def count(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT count(*) FROM usage_records").fetchone()[0])
+
+        return await self._run(count)
+
 
 # --- helpers (the connection ones run on the worker thread) ----------------------------------------
 
@@ -518,4 +717,123 @@ def _audit_from_row(row: tuple[Any, ...]) -> AuditEntry:
         source_ip=source_ip,
         key_id=key_id,
         change=json.loads(change),
+    )
+
+
+# --- usage helpers -------------------------------------------------------------------------------------
+
+
+def _epoch_ts(at: float) -> str:
+    return _ts(datetime.fromtimestamp(at, UTC))
+
+
+def _floor_hour(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _floor_day(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _rollup_bounds(now: datetime, retention_seconds: float) -> tuple[datetime, datetime, datetime | None]:
+    """The hours and days a rollup at `now` may fold (those before the current hour and day), and
+    where raw rows start to be kept: the hour of now - retention (None: a retention beyond the
+    calendar keeps everything). Purging whole hours keeps the rollups and the raw rows disjoint."""
+    now = require_aware(now, "now")
+    if not math.isfinite(retention_seconds) or retention_seconds < 0:
+        raise ValueError("the usage retention must be a finite number of seconds, zero or more")
+    try:
+        cutoff: datetime | None = _floor_hour(now - timedelta(seconds=retention_seconds))
+    except OverflowError:
+        cutoff = None
+    return _floor_hour(now), _floor_day(now), cutoff
+
+
+def _rollup_range(first_hour: datetime, raw_from: datetime | None) -> dict[str, datetime]:
+    """The part of a report that comes from rollups: the hours [h0, raw_from) the raw table no longer
+    covers, of which the whole days [d0, d1) are read from the daily rollups. A `since` inside a
+    rolled-up hour counts that whole hour."""
+    end = raw_from if raw_from is not None and raw_from > first_hour else first_hour
+    d0 = _floor_day(first_hour)
+    if d0 < first_hour:
+        d0 += timedelta(days=1)
+    d1 = _floor_day(end)
+    if d1 <= d0:
+        d0 = d1 = first_hour  # no whole day: everything from the hourly rollups
+    return {"h0": first_hour, "raw_from": end, "d0": d0, "d1": d1}
+
+
+def _rollup_state(conn: sqlite3.Connection) -> tuple[str | None, str | None, str | None]:
+    row = conn.execute("SELECT hours_to, days_to, raw_from FROM usage_rollup_state WHERE id = 1").fetchone()
+    return (row[0], row[1], row[2]) if row is not None else (None, None, None)
+
+
+def _refold(
+    conn: sqlite3.Connection, table: str, buckets: list[str], step: timedelta, statements: tuple[str, ...]
+) -> None:
+    """Replace the rollup rows of these buckets with ones computed by `statements`."""
+    if not buckets:
+        return
+    keys = [(b,) for b in buckets]
+    conn.executemany(f"DELETE FROM {table} WHERE bucket = ?", keys)  # noqa: S608
+    conn.executemany(f"DELETE FROM {table}_refusals WHERE bucket = ?", keys)  # noqa: S608
+    params = [{"bucket": b, "lo": b, "hi": _ts(datetime.fromisoformat(b) + step)} for b in buckets]
+    for statement in statements:
+        conn.executemany(statement, params)
+
+
+def _rollup(conn: sqlite3.Connection, hours_to: datetime, days_to: datetime, cutoff: datetime | None) -> None:
+    """One rollup, inside a write transaction (so no write runs concurrently)."""
+    old_hours, old_days, raw_from = _rollup_state(conn)
+    bounds = (_ts(hours_to), _ts(days_to))
+    taken = conn.execute(f"SELECT grain, bucket {_PENDING}", bounds).fetchall()
+    conn.execute(f"DELETE {_PENDING}", bounds)
+    if raw_from is not None:
+        for statement in _FOLD_LATE:
+            conn.execute(statement, {"raw_from": raw_from})
+    # Buckets whose raw rows are all still stored are computed from them; older hours got their late
+    # rows above, and a day that lost raw rows already is summed from its hours.
+    hours = sorted(b for g, b in taken if g == "hour" and (raw_from is None or b >= raw_from))
+    _refold(conn, "usage_hourly", hours, timedelta(hours=1), _HOURLY_FROM_RAW)
+    days = sorted(b for g, b in taken if g == "day")
+    whole = [d for d in days if raw_from is None or d >= raw_from]
+    _refold(conn, "usage_daily", whole, timedelta(days=1), _DAILY_FROM_RAW)
+    _refold(conn, "usage_daily", [d for d in days if d not in whole], timedelta(days=1), _DAILY_FROM_HOURLY)
+    new_from = raw_from
+    if cutoff is not None and (raw_from is None or _ts(cutoff) > raw_from):
+        new_from = _ts(cutoff)
+        conn.execute("DELETE FROM usage_records WHERE at < ?", (new_from,))
+    conn.execute(
+        "UPDATE usage_rollup_state SET hours_to = ?, days_to = ?, raw_from = ? WHERE id = 1",
+        (max(old_hours or bounds[0], bounds[0]), max(old_days or bounds[1], bounds[1]), new_from),
+    )
+
+
+def _report_sql(by: str, key_id: str | None, owner: str | None) -> str:
+    if by not in _RAW_GROUPS:
+        raise ValueError(f"a usage report is grouped by key, owner, route or day, not {by!r}")
+    filters = (" AND key_id = :key_id" if key_id is not None else "") + (
+        " AND owner = :owner" if owner is not None else ""
+    )
+    group = _ROLLUP_GROUPS[by]
+    daily = f"FROM usage_daily{{}} WHERE bucket >= :d0 AND bucket < :d1{filters}"
+    hourly = f"FROM usage_hourly{{}} WHERE bucket >= :h0 AND bucket < :raw_from AND (bucket < :d0 OR bucket >= :d1){filters}"
+    stats = f"SELECT {group}, requests, errors, bytes_in, bytes_out, p50_ms, p95_ms, p99_ms "
+    refused = f"SELECT {group}, error_code, requests "
+    percentiles = ", ".join(_combined(name) for name, _ in _PERCENTILES)
+    order = "grp" if by == "day" else "2 DESC, grp"
+    # Raw rows since `since` (including late ones older than raw_from, which no rollup holds yet),
+    # plus the rollups for the range the raw table no longer covers.
+    return (
+        f"WITH raw AS (SELECT {_RAW_GROUPS[by]} AS grp, status, error_code, bytes_in, bytes_out, latency_ms "  # noqa: S608
+        f"FROM usage_records WHERE at >= :since{filters}), "
+        f"pieces AS ({_stats('raw', 'grp')} UNION ALL {stats}{daily.format('')} "
+        f"UNION ALL {stats}{hourly.format('')}), "
+        "refused AS (SELECT grp, error_code, sum(n) AS n FROM ("
+        "SELECT grp, error_code, count(*) AS n FROM raw WHERE error_code IS NOT NULL GROUP BY grp, error_code "
+        f"UNION ALL {refused}{daily.format('_refusals')} UNION ALL {refused}{hourly.format('_refusals')}) "
+        "GROUP BY grp, error_code) "
+        f"SELECT grp, sum(requests), sum(errors), sum(bytes_in), sum(bytes_out), {percentiles}, "
+        "(SELECT json_group_object(error_code, n) FROM refused AS r WHERE r.grp = pieces.grp) "
+        f"FROM pieces GROUP BY grp ORDER BY {order}"
     )
