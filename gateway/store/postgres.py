@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 
 from gateway.keys.model import AuditEntry, KeyRecord
-from gateway.store.base import KeyStore, StoreUnavailable, UsageReport, UsageStore
+from gateway.store.base import KeyStore, StoreUnavailable, UsageStore
 from gateway.store.migrate import (
     AUDIT_COLUMNS,
     KEY_COLUMNS,
@@ -36,7 +35,6 @@ from gateway.store.migrate import (
     list_migrations,
     require_aware,
 )
-from gateway.usage.record import FIELDS, UsageRecord
 
 POOL_MIN = 1
 POOL_MAX = 10
