@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 
 from gateway.keys.model import AuditEntry, KeyRecord
-from gateway.store.base import KeyStore, StoreUnavailable, UsageStore
+from gateway.store.base import KeyStore, StoreUnavailable, UsageReport, UsageStore
 from gateway.store.migrate import (
     AUDIT_COLUMNS,
     KEY_COLUMNS,
@@ -35,6 +36,7 @@ from gateway.store.migrate import (
     list_migrations,
     require_aware,
 )
+from gateway.usage.record import FIELDS, UsageRecord
 
 POOL_MIN = 1
 POOL_MAX = 10
@@ -87,6 +89,153 @@ _MIGRATIONS_TABLE = (
     "CREATE TABLE IF NOT EXISTS schema_migrations "
     "(name text NOT NULL PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
 )
+
+# --- usage statements ------------------------------------------------------------------------------
+# Batches are copied into a temporary staging table of the connection, dropped at commit; `at` stays
+# epoch seconds there and becomes timestamptz in the INSERT … SELECT, so the event loop only encodes
+# the records.
+_STAGING_TYPES = {
+    "request_id": "text",
+    "at": "double precision",
+    "key_id": "text",
+    "owner": "text",
+    "env": "text",
+    "route": "text",
+    "method": "text",
+    "status": "integer",
+    "upstream_status": "integer",
+    "latency_ms": "double precision",
+    "upstream_ms": "double precision",
+    "bytes_in": "bigint",
+    "bytes_out": "bigint",
+    "client_ip": "text",
+    "error_code": "text",
+}
+assert tuple(_STAGING_TYPES) == FIELDS, "the staging table must follow the UsageRecord fields"
+_STAGE_USAGE = (
+    "CREATE TEMP TABLE usage_staging ("
+    + ", ".join(f"{name} {kind}" for name, kind in _STAGING_TYPES.items())
+    + ") ON COMMIT DROP"
+)
+# The new rows, then the hours and days they fall in marked for the next rollup. The marks are
+# locked in a fixed order (ON CONFLICT DO UPDATE locks an existing mark even when WHERE false skips
+# the update) until commit, so a concurrent rollup that takes a mark waits for this batch and sees
+# its rows; a mark taken by a rollup before is inserted again once that rollup commits.
+_INSERT_USAGE = (
+    f"WITH added AS (INSERT INTO usage_records ({', '.join(FIELDS)}) "  # noqa: S608
+    f"SELECT {', '.join('to_timestamp(at)' if f == 'at' else f for f in FIELDS)} FROM usage_staging "
+    "ON CONFLICT (request_id) DO NOTHING RETURNING at) "
+    "INSERT INTO usage_rollup_pending (grain, bucket) "
+    "SELECT DISTINCT g.grain, date_trunc(g.grain, a.at, 'UTC') FROM added AS a "
+    "CROSS JOIN (VALUES ('day'), ('hour')) AS g (grain) ORDER BY 1, 2 "
+    "ON CONFLICT (grain, bucket) DO UPDATE SET grain = EXCLUDED.grain WHERE false"
+)
+# The marks of the hours and days a rollup folds, taken (locked in the writers' order, then deleted).
+_TAKE_PENDING = (
+    "DELETE FROM usage_rollup_pending WHERE (grain, bucket) IN (SELECT grain, bucket FROM usage_rollup_pending "
+    "WHERE (grain = 'hour' AND bucket < $1) OR (grain = 'day' AND bucket < $2) ORDER BY grain, bucket FOR UPDATE) "
+    "RETURNING grain, bucket"
+)
+_ROLLUP_KEYS = "bucket, key_id, owner, route"
+_ROLLUP_COLUMNS = f"{_ROLLUP_KEYS}, requests, errors, bytes_in, bytes_out, p50_ms, p95_ms, p99_ms"
+_PERCENTILES = ("p50_ms", "p95_ms", "p99_ms")
+
+
+def _stats(source: str, keys: str) -> str:
+    """Requests, 5xx errors, bytes and latency percentiles (percentile_cont: linear interpolation
+    between the two closest ranks) of the rows of `source`, one row per group of `keys`."""
+    return (
+        f"SELECT {keys}, requests, errors, bytes_in, bytes_out, pct[1] AS p50_ms, pct[2] AS p95_ms, "  # noqa: S608
+        f"pct[3] AS p99_ms FROM (SELECT {keys}, count(*) AS requests, "
+        "count(*) FILTER (WHERE status >= 500) AS errors, sum(bytes_in) AS bytes_in, sum(bytes_out) AS bytes_out, "
+        "percentile_cont(ARRAY[0.5, 0.95, 0.99]::float8[]) WITHIN GROUP (ORDER BY latency_ms) AS pct "
+        f"FROM {source} GROUP BY {keys}) AS stats"
+    )
+
+
+def _combined(column: str, weight: str = "requests") -> str:
+    """A percentile over several pieces (rollup buckets, raw rows): exact when there is one piece,
+    otherwise approximated by the request-weighted mean of the pieces' percentiles."""
+    return (
+        f"CASE WHEN count(*) = 1 THEN max({column}) "
+        f"ELSE sum({column} * {weight}::float8) / sum({weight}::float8) END"
+    )
+
+
+def _rollup_statements(table: str, step: str) -> tuple[str, ...]:
+    """Replace the rows of usage_hourly or usage_daily for the buckets $1 with ones from raw rows."""
+    source = (
+        "(SELECT b.bucket, coalesce(r.key_id, '') AS key_id, coalesce(r.owner, '') AS owner, "  # noqa: S608
+        "coalesce(r.route, '') AS route, r.status, r.error_code, r.bytes_in, r.bytes_out, r.latency_ms "
+        "FROM unnest($1::timestamptz[]) AS b (bucket) "
+        f"JOIN usage_records AS r ON r.at >= b.bucket AND r.at < b.bucket + interval '{step}') AS src"
+    )
+    return (
+        f"DELETE FROM {table} WHERE bucket = ANY($1::timestamptz[])",  # noqa: S608
+        f"DELETE FROM {table}_refusals WHERE bucket = ANY($1::timestamptz[])",  # noqa: S608
+        f"INSERT INTO {table} ({_ROLLUP_COLUMNS}) {_stats(source, _ROLLUP_KEYS)}",
+        f"INSERT INTO {table}_refusals ({_ROLLUP_KEYS}, error_code, requests) "  # noqa: S608
+        f"SELECT {_ROLLUP_KEYS}, error_code, count(*) FROM {source} "
+        f"WHERE error_code IS NOT NULL GROUP BY {_ROLLUP_KEYS}, error_code",
+    )
+
+
+_HOURLY_FROM_RAW = _rollup_statements("usage_hourly", "1 hour")
+_DAILY_FROM_RAW = _rollup_statements("usage_daily", "24 hours")  # not '1 day': DST in the connection's TimeZone
+# A day whose first raw rows are gone already: summed from its hourly rollups.
+_DAY_OF_HOURS = (
+    "FROM unnest($1::timestamptz[]) AS d (bucket) JOIN {} AS h "
+    "ON h.bucket >= d.bucket AND h.bucket < d.bucket + interval '24 hours'"
+)
+_DAILY_FROM_HOURLY = (
+    *_DAILY_FROM_RAW[:2],
+    f"INSERT INTO usage_daily ({_ROLLUP_COLUMNS}) SELECT d.bucket, h.key_id, h.owner, h.route, "
+    "sum(h.requests), sum(h.errors), sum(h.bytes_in), sum(h.bytes_out), "
+    + ", ".join(_combined(f"h.{name}", "h.requests") for name in _PERCENTILES)
+    + f" {_DAY_OF_HOURS.format('usage_hourly')} GROUP BY d.bucket, h.key_id, h.owner, h.route",
+    "INSERT INTO usage_daily_refusals (bucket, key_id, owner, route, error_code, requests) "
+    "SELECT d.bucket, h.key_id, h.owner, h.route, h.error_code, sum(h.requests) "
+    f"{_DAY_OF_HOURS.format('usage_hourly_refusals')} GROUP BY d.bucket, h.key_id, h.owner, h.route, h.error_code",
+)
+# Raw rows older than raw_from arrived after their hour was folded and purged (a late spool replay):
+# deleted and, in the same statement, added to the hourly rollups (percentiles merged as a
+# request-weighted mean).
+_FOLD_LATE = (
+    "WITH gone AS (DELETE FROM usage_records WHERE at < $1 RETURNING date_trunc('hour', at, 'UTC') AS bucket, "  # noqa: S608
+    "coalesce(key_id, '') AS key_id, coalesce(owner, '') AS owner, coalesce(route, '') AS route, "
+    "status, error_code, bytes_in, bytes_out, latency_ms), "
+    f"refused AS (INSERT INTO usage_hourly_refusals AS t ({_ROLLUP_KEYS}, error_code, requests) "
+    f"SELECT {_ROLLUP_KEYS}, error_code, count(*) FROM gone WHERE error_code IS NOT NULL "
+    f"GROUP BY {_ROLLUP_KEYS}, error_code "
+    f"ON CONFLICT ({_ROLLUP_KEYS}, error_code) DO UPDATE SET requests = t.requests + EXCLUDED.requests) "
+    f"INSERT INTO usage_hourly AS t ({_ROLLUP_COLUMNS}) {_stats('gone', _ROLLUP_KEYS)} "
+    f"ON CONFLICT ({_ROLLUP_KEYS}) DO UPDATE SET requests = t.requests + EXCLUDED.requests, "
+    "errors = t.errors + EXCLUDED.errors, bytes_in = t.bytes_in + EXCLUDED.bytes_in, "
+    "bytes_out = t.bytes_out + EXCLUDED.bytes_out, "
+    + ", ".join(
+        f"{name} = (t.{name} * t.requests + EXCLUDED.{name} * EXCLUDED.requests) / (t.requests + EXCLUDED.requests)"
+        for name in _PERCENTILES
+    )
+)
+# Purged: raw rows before the new raw_from, except those of an hour marked again meanwhile (rows a
+# writer committed during this rollup, which no rollup has folded yet).
+_PURGE_USAGE = (
+    "DELETE FROM usage_records AS r WHERE r.at < $1 AND NOT EXISTS (SELECT 1 FROM usage_rollup_pending AS p "
+    "WHERE p.grain = 'hour' AND p.bucket = date_trunc('hour', r.at, 'UTC'))"
+)
+# Report groups, over raw rows and over rollup rows ('' there is a missing key, owner or route).
+_RAW_GROUPS = {
+    "key": "coalesce(key_id, '-')",
+    "owner": "coalesce(owner, '-')",
+    "route": "coalesce(route, '-')",
+    "day": "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+}
+_ROLLUP_GROUPS = {
+    "key": "coalesce(nullif(key_id, ''), '-')",
+    "owner": "coalesce(nullif(owner, ''), '-')",
+    "route": "coalesce(nullif(route, ''), '-')",
+    "day": "to_char(bucket AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+}
 
 
 def _describe(exc: BaseException) -> str:
@@ -288,6 +437,108 @@ class PostgresStore(KeyStore, UsageStore):
             rows = await conn.fetch(sql, *params)
         return [_audit_from_row(r) for r in rows]
 
+    # --- usage -----------------------------------------------------------------------------------
+
+    async def write_usage(self, records: list[UsageRecord]) -> None:
+        if not records:
+            return
+        try:
+            async with self._connection() as conn, conn.transaction():
+                await conn.execute(_STAGE_USAGE)
+                await conn.copy_records_to_table("usage_staging", records=records, columns=FIELDS)
+                await conn.execute(_INSERT_USAGE)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            # Only the kind of error: a message (asyncpg's encoding errors, PostgreSQL's DETAIL) could
+            # quote a record.
+            raise StoreUnavailable(
+                f"PostgreSQL at {self.where}: a usage batch of {len(records)} records was not stored "
+                f"({type(exc).__name__})"
+            ) from None
+
+    async def usage_report(
+        self,
+        since: datetime,
+        by: str,
+        key_id: str | None = None,
+        owner: str | None = None,
+    ) -> list[UsageReport]:
+        sql = _report_sql(by, key_id, owner)
+        since = require_aware(since, "since")
+        first_hour = _floor_hour(since)
+        filters = [v for v in (key_id, owner) if v is not None]
+        async with self._connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            raw_from = await conn.fetchval("SELECT raw_from FROM usage_rollup_state WHERE id = 1")
+            span = _rollup_range(first_hour, raw_from)
+            rows = await conn.fetch(
+                sql, since, span["h0"], span["raw_from"], span["d0"], span["d1"], *filters, timeout=REPORT_TIMEOUT
+            )
+        return [
+            UsageReport(
+                group=str(r["grp"]),
+                requests=int(r["requests"]),
+                errors=int(r["errors"]),
+                refusals={str(k): int(v) for k, v in json.loads(r["refusals"] or "{}").items()},
+                bytes_in=int(r["bytes_in"]),
+                bytes_out=int(r["bytes_out"]),
+                p50_ms=r["p50_ms"],
+                p95_ms=r["p95_ms"],
+                p99_ms=r["p99_ms"],
+            )
+            for r in rows
+        ]
+
+    async def rollup_usage(self, now: datetime, retention_seconds: float) -> None:
+        hours_to, days_to, cutoff = _rollup_bounds(now, retention_seconds)
+        try:
+            await self._rollup_usage(hours_to, days_to, cutoff)
+        except asyncpg.PostgresError as exc:  # a deadlock, a serialization failure: try again later
+            raise StoreUnavailable(f"PostgreSQL at {self.where}: usage rollup failed: {_describe(exc)}") from exc
+
+    async def _rollup_usage(self, hours_to: datetime, days_to: datetime, cutoff: datetime | None) -> None:
+        """One rollup transaction; rollups of several processes run one after the other."""
+        t = ROLLUP_TIMEOUT
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", ROLLUP_LOCK, timeout=t)
+            state = await conn.fetchrow(
+                "SELECT hours_to, days_to, raw_from FROM usage_rollup_state WHERE id = 1 FOR UPDATE", timeout=t
+            )
+            raw_from: datetime | None = state["raw_from"]
+            taken = await conn.fetch(_TAKE_PENDING, hours_to, days_to, timeout=t)
+            if raw_from is not None:
+                await conn.execute(_FOLD_LATE, raw_from, timeout=t)
+            # Buckets whose raw rows are all still stored are computed from them; older hours got
+            # their late rows above, and a day that lost raw rows already is summed from its hours.
+            hours = sorted(b for g, b in taken if g == "hour" and (raw_from is None or b >= raw_from))
+            days = sorted(b for g, b in taken if g == "day")
+            whole = [d for d in days if raw_from is None or d >= raw_from]
+            partial = [d for d in days if d not in whole]
+            for buckets, statements in (
+                (hours, _HOURLY_FROM_RAW),
+                (whole, _DAILY_FROM_RAW),
+                (partial, _DAILY_FROM_HOURLY),
+            ):
+                if buckets:
+                    for statement in statements:
+                        await conn.execute(statement, buckets, timeout=t)
+            new_from = raw_from
+            if cutoff is not None and (raw_from is None or cutoff > raw_from):
+                new_from = cutoff
+                await conn.execute(_PURGE_USAGE, new_from, timeout=t)
+            await conn.execute(
+                "UPDATE usage_rollup_state SET hours_to = GREATEST(hours_to, $1), "
+                "days_to = GREATEST(days_to, $2), raw_from = $3 WHERE id = 1",
+                hours_to,
+                days_to,
+                new_from,
+                timeout=t,
+            )
+
+    async def count_usage(self) -> int:
+        async with self._connection() as conn:
+            return int(await conn.fetchval("SELECT count(*) FROM usage_records"))
+
 
 # --- helpers ---------------------------------------------------------------------------------------
 
@@ -397,4 +648,81 @@ def _audit_from_row(row: Any) -> AuditEntry:
         source_ip=row["source_ip"],
         key_id=row["key_id"],
         change=json.loads(row["change"]),
+    )
+
+
+# --- usage helpers ---------------------------------------------------------------------------------
+
+
+def _floor_hour(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _floor_day(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _rollup_bounds(now: datetime, retention_seconds: float) -> tuple[datetime, datetime, datetime | None]:
+    """The hours and days a rollup at `now` may fold (those before the current hour and day), and
+    where raw rows start to be kept: the hour of now - retention (None: a retention beyond the
+    calendar keeps everything). Purging whole hours keeps the rollups and the raw rows disjoint."""
+    now = require_aware(now, "now")
+    if not math.isfinite(retention_seconds) or retention_seconds < 0:
+        raise ValueError("the usage retention must be a finite number of seconds, zero or more")
+    try:
+        cutoff: datetime | None = _floor_hour(now - timedelta(seconds=retention_seconds))
+    except OverflowError:
+        cutoff = None
+    return _floor_hour(now), _floor_day(now), cutoff
+
+
+def _rollup_range(first_hour: datetime, raw_from: datetime | None) -> dict[str, datetime]:
+    """The part of a report that comes from rollups: the hours [h0, raw_from) the raw table no longer
+    covers, of which the whole days [d0, d1) are read from the daily rollups. A `since` inside a
+    rolled-up hour counts that whole hour."""
+    end = raw_from if raw_from is not None and raw_from > first_hour else first_hour
+    d0 = _floor_day(first_hour)
+    if d0 < first_hour:
+        d0 += timedelta(days=1)
+    d1 = _floor_day(end)
+    if d1 <= d0:
+        d0 = d1 = first_hour  # no whole day: everything from the hourly rollups
+    return {"h0": first_hour, "raw_from": end, "d0": d0, "d1": d1}
+
+
+def _report_sql(by: str, key_id: str | None, owner: str | None) -> str:
+    """The report query; parameters: since, h0, raw_from, d0, d1 (see _rollup_range), then the key
+    id and owner filters that are given."""
+    if by not in _RAW_GROUPS:
+        raise ValueError(f"a usage report is grouped by key, owner, route or day, not {by!r}")
+    filters = ""
+    n = 5
+    for column, value in (("key_id", key_id), ("owner", owner)):
+        if value is not None:
+            n += 1
+            filters += f" AND {column} = ${n}"
+    group = _ROLLUP_GROUPS[by]
+    daily = f"FROM usage_daily{{}} WHERE bucket >= $4 AND bucket < $5{filters}"
+    hourly = f"FROM usage_hourly{{}} WHERE bucket >= $2 AND bucket < $3 AND (bucket < $4 OR bucket >= $5){filters}"
+    stats = f"SELECT {group}, requests, errors, bytes_in, bytes_out, p50_ms, p95_ms, p99_ms "
+    refused = f"SELECT {group}, error_code, requests "
+    percentiles = ", ".join(f"{_combined(name)} AS {name}" for name in _PERCENTILES)
+    order = "t.grp" if by == "day" else "t.requests DESC, t.grp"
+    # Raw rows since `since` (including late ones older than raw_from, which no rollup holds yet),
+    # plus the rollups for the range the raw table no longer covers.
+    return (
+        f"WITH raw AS (SELECT {_RAW_GROUPS[by]} AS grp, status, error_code, bytes_in, bytes_out, latency_ms "  # noqa: S608
+        f"FROM usage_records WHERE at >= $1{filters}), "
+        f"pieces AS ({_stats('raw', 'grp')} UNION ALL {stats}{daily.format('')} "
+        f"UNION ALL {stats}{hourly.format('')}), "
+        "totals AS (SELECT grp, sum(requests)::bigint AS requests, sum(errors)::bigint AS errors, "
+        f"sum(bytes_in)::bigint AS bytes_in, sum(bytes_out)::bigint AS bytes_out, {percentiles} "
+        "FROM pieces GROUP BY grp), "
+        "refused AS (SELECT grp, error_code, sum(n)::bigint AS n FROM ("
+        "SELECT grp, error_code, count(*) AS n FROM raw WHERE error_code IS NOT NULL GROUP BY grp, error_code "
+        f"UNION ALL {refused}{daily.format('_refusals')} UNION ALL {refused}{hourly.format('_refusals')}"
+        ") AS r GROUP BY grp, error_code), "
+        "refusals AS (SELECT grp, json_object_agg(error_code, n) AS refusals FROM refused GROUP BY grp) "
+        "SELECT t.grp, t.requests, t.errors, t.bytes_in, t.bytes_out, t.p50_ms, t.p95_ms, t.p99_ms, f.refusals "
+        f"FROM totals AS t LEFT JOIN refusals AS f ON f.grp = t.grp ORDER BY {order}"
     )

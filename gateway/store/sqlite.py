@@ -67,8 +67,10 @@ _MIGRATIONS_TABLE = (
 # A bucket is the text of its start: the hour or day prefix of a timestamp, completed with zeros.
 _HOUR_OF = "substr({}, 1, 13) || ':00:00.000000Z'"
 _DAY_OF = "substr({}, 1, 10) || 'T00:00:00.000000Z'"
+# Idempotent on request_id only: INSERT OR IGNORE would also skip a row breaking NOT NULL, silently.
 _INSERT_USAGE = (
-    f"INSERT OR IGNORE INTO usage_records ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"  # noqa: S608
+    f"INSERT INTO usage_records ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))}) "  # noqa: S608
+    "ON CONFLICT (request_id) DO NOTHING"
 )
 _MARK_USAGE = "INSERT OR IGNORE INTO usage_rollup_pending (grain, bucket) VALUES (?, ?)"
 _PENDING = "FROM usage_rollup_pending WHERE (grain = 'hour' AND bucket < ?) OR (grain = 'day' AND bucket < ?)"

@@ -7,7 +7,9 @@
 -- usage_records holds the raw rows for the retention period; writes are idempotent on request_id.
 -- The rollups are keyed by the bucket start and key, owner and route, with '' for a request that had
 -- none (a refusal before authentication), as in the PostgreSQL schema. Percentiles of a bucket are
--- computed from the latency_ms of that bucket's raw rows with the interpolation of percentile_cont.
+-- computed from the latency_ms of that bucket's raw rows with the interpolation of percentile_cont;
+-- only a day whose first hours were purged already, and rows arriving after their hour was purged,
+-- are merged in as request-weighted means of percentiles (an approximation).
 -- Refusals are counted per code in the *_refusals tables, one row per code.
 --
 -- usage_rollup_state remembers how far rollups went: raw rows older than raw_from were folded into
