@@ -81,6 +81,7 @@ class AnomalyDetector:
         self.ips: OrderedDict[str, _Tally] = OrderedDict()
         self.prefixes: OrderedDict[str, _Tally] = OrderedDict()
         self.window = cfg.window
+        self._net_of: dict[str, str] = {}
 
     def observe(self, ex: Exchange) -> None:
         """Called once per finished exchange; O(1) in the common case."""
@@ -150,7 +151,12 @@ class AnomalyDetector:
 
     def _networks(self, st: _KeyState, key_id: str, ip: str, now: float) -> None:
         cfg = self.cfg.new_network
-        net = _network(ip, cfg.prefix_v4, cfg.prefix_v6)
+        net = self._net_of.get(ip)
+        if net is None:
+            # Parsing an address costs microseconds; clients repeat theirs.
+            if len(self._net_of) >= self.cfg.max_tracked:
+                self._net_of.clear()
+            net = self._net_of[ip] = _network(ip, cfg.prefix_v4, cfg.prefix_v6)
         nets = st.networks
         if net in nets:
             nets[net] = now
