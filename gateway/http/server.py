@@ -115,7 +115,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.stop_parsing:
             return
-        begun, between = self.begun, self.current is None
+        cur = self.current
+        begun, between = self.begun, cur is None
+        body_before = cur.body_received if cur is not None and self.in_body else -1
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -130,13 +132,19 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._parse_failed(GatewayError("bad_request", f"malformed HTTP request ({_parser_reason(e)})", close=True))
         else:
-            if self.in_body or self.current is None or self.stop_parsing:
+            if self.current is None or self.stop_parsing:
                 return
-            # A head is still open. httptools holds a header line until it ends, out of the callbacks'
-            # sight, so count the raw bytes too: all of this read if the head began before it (or it
-            # began between messages); a head that began after another message ended here is
-            # under-counted by at most this one read.
-            if self.begun == begun:
+            # Inside a message. httptools holds a header (or trailer) line until it ends, out of the
+            # callbacks' sight, so count raw bytes too. In a head: all of this read if the head began
+            # before it (or between messages); a head that began after another message ended here is
+            # under-counted by at most this one read. In a body: reads that carried no body byte
+            # (chunk framing, trailers).
+            if self.in_body:
+                if self.current is not cur or cur.body_received != body_before:
+                    self.head_raw = 0
+                    return
+                self.head_raw += len(data)
+            elif self.begun == begun:
                 self.head_raw += len(data)
             elif between and self.begun == begun + 1:
                 self.head_raw = len(data)
@@ -549,7 +557,7 @@ class ClientConnection(asyncio.Protocol):
     def _write_problem(self, ex: Exchange | None, err: GatewayError, close: bool) -> None:
         self._write_simple(err.status, err.headers, err.body(None), b"application/problem+json", "", close, False)
         if close:
-            self._close()
+            self._linger()  # the client may still be sending: a plain close would RST the answer away
 
     def _write_simple(
         self,
