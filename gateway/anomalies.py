@@ -8,6 +8,29 @@ Kinds (each with its threshold in `anomalies.*`):
   or with keys sharing a prefix (someone trying variations of one key);
 - `scope_refusals`: bursts of insufficient-scope refusals for one key.
 Each event is reported once per kind, subject and window to `on_event`, which records it.
+
+Thresholds are exceeded, not reached: `max_addresses: 50` allows 50 addresses, the 51st is the
+event; likewise `per_ip`, `per_prefix` and `scope_refusals.threshold`. Windows are aligned on the
+clock (`time // window`).
+
+Rate spikes. A key's baseline is an EWMA (weight `alpha` for the newest window) of its requests per
+window; its first window seeds it, so steady traffic has a baseline of its own level rather than one
+climbing from zero. A window is a spike once its count is at least `min_requests` and more than
+`factor` x the baseline, provided `warmup_windows` windows have closed before it. Empty windows close
+into the baseline as zeros, so it decays while the key is idle: after a short gap (fewer empty windows
+than `warmup_windows`) the key is judged against the decayed baseline. After a longer gap the history
+is stale: judging against a baseline decayed towards zero would flag every key coming back at its
+usual volume (an hourly job, a quiet night), so the key warms up again, seeded by its first window
+back. A dormant key's reuse from somewhere new is what `new_network` reports.
+
+New networks. An address belongs to its /`prefix_v4` or /`prefix_v6` network (an IPv4-mapped IPv6
+address counts as IPv4). A key's set is stable when it gained no network for `stable_after`; the
+first network of a key is never new, and after an event the set must be stable again before the
+next one. A key's first request in this process starts the clock.
+
+State: keys, failing addresses and failing prefixes are each kept in an LRU of `max_tracked`
+entries (least recently seen forgotten first; a forgotten key warms up again); per key at most
+`max_addresses` + 1 addresses per window and `max_networks` networks.
 """
 
 from __future__ import annotations
@@ -68,8 +91,10 @@ def _network(ip: str, v4: int, v6: int) -> str:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         return ip
+    if addr.version == 6 and addr.ipv4_mapped is not None:  # ::ffff:a.b.c.d from a dual-stack listener
+        addr = addr.ipv4_mapped
     bits = v4 if addr.version == 4 else v6
-    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
+    return str(ipaddress.ip_network((addr, bits), strict=False))
 
 
 class AnomalyDetector:
@@ -137,12 +162,20 @@ class AnomalyDetector:
 
     def _roll(self, st: _KeyState, window: int) -> None:
         """Close the windows since the last request: each one, empty or not, updates the baseline."""
-        alpha = self.cfg.rate_spike.alpha
+        spike = self.cfg.rate_spike
+        alpha = spike.alpha
         if st.window >= 0:
-            missed = min(window - st.window - 1, 1000)
-            st.baseline = alpha * st.count + (1 - alpha) * st.baseline
-            st.baseline *= (1 - alpha) ** max(missed, 0)
-            st.windows_seen += 1 + max(missed, 0)
+            missed = max(window - st.window - 1, 0)
+            if st.windows_seen == 0:
+                st.baseline = float(st.count)  # the first window seeds the average: no ramp up from 0
+            else:
+                st.baseline = alpha * st.count + (1 - alpha) * st.baseline
+            st.windows_seen += 1
+            if missed >= spike.warmup_windows:
+                st.baseline, st.windows_seen = 0.0, 0  # stale after so long idle: warm up again
+            elif missed:
+                st.baseline *= (1 - alpha) ** missed
+                st.windows_seen += missed
         st.window = window
         st.count = 0
         st.spiked = st.shared = st.scope_alerted = False

@@ -171,8 +171,10 @@ class Services:
             await self.store.add_audit(entry)
             if event.action == "suspend" and event.key_id is not None:
                 await self.keys.suspend(event.key_id, reason=f"anomaly: {event.kind}", actor="detector")
-        except (StoreUnavailable, KeyNotFound):
+        except StoreUnavailable:
             log.error("anomaly %s on %s could not be recorded: store unavailable", event.kind, event.subject)
+        except KeyNotFound:
+            log.error("anomaly %s: key %s no longer exists, nothing to suspend", event.kind, event.key_id)
 
     async def close(self) -> None:
         for task in (self._flusher, self._rollups):

@@ -292,7 +292,9 @@ class RateSpikeConfig(Strict):
     factor: float = Field(default=10.0, gt=1, description="a window this many times the key's baseline is a spike")
     min_requests: int = Field(default=100, ge=1, description="smaller windows are never spikes")
     alpha: float = Field(default=0.3, gt=0, le=1, description="EWMA weight of the newest window")
-    warmup_windows: int = Field(default=5, ge=1, description="windows of history before spikes are judged")
+    warmup_windows: int = Field(
+        default=5, ge=1, description="windows of history before spikes are judged; a key idle this long warms up again"
+    )
     action: Action = "alert"
 
 
