@@ -6,10 +6,14 @@ audit entry in one transaction, so a refused or failed call leaves nothing half-
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import Concatenate, ParamSpec, TypeVar
 
 from gateway.clock import Clock
 from gateway.config.units import parse_duration, parse_network, parse_rate
@@ -113,6 +117,24 @@ def check_key_id(key_id: str) -> str:
     return key_id
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _serialised(
+    method: Callable[Concatenate[KeyService, P], Awaitable[R]],
+) -> Callable[Concatenate[KeyService, P], Awaitable[R]]:
+    """One read-modify-write of a key at a time in this process: each writes the whole record, so
+    a revoke interleaved between another change's read and write would otherwise be undone."""
+
+    async def serialised(service: KeyService, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        async with service._lock:
+            return await method(service, *args, **kwargs)
+
+    functools.update_wrapper(serialised, method)
+    return serialised
+
+
 class KeyService:
     def __init__(
         self,
@@ -129,6 +151,7 @@ class KeyService:
         self.clock = clock
         self.default_ttl = default_ttl
         self.cache = cache
+        self._lock = asyncio.Lock()
 
     def _expiry(self, ttl: str | None, no_expiry: bool) -> datetime | None:
         if no_expiry:
@@ -184,6 +207,7 @@ class KeyService:
     async def list_keys(self, owner: str | None = None) -> list[KeyRecord]:
         return await self.store.list_keys(owner)
 
+    @_serialised
     async def update(
         self,
         key_id: str,
@@ -221,6 +245,7 @@ class KeyService:
         self._evict(record.id)
         return record
 
+    @_serialised
     async def revoke(self, key_id: str, *, reason: str = "", actor: str = "cli", source_ip: str = "") -> KeyRecord:
         """The kill switch: refused from the next request on in this process."""
         if len(reason) > 500:
@@ -236,6 +261,7 @@ class KeyService:
         self._evict(record.id)
         return record
 
+    @_serialised
     async def suspend(self, key_id: str, *, reason: str = "", actor: str = "cli", source_ip: str = "") -> KeyRecord:
         """Refuse the key with 403 key_suspended until an admin lifts it (anomaly action `suspend`)."""
         record = await self.get(key_id)
@@ -247,6 +273,7 @@ class KeyService:
         self._evict(record.id)
         return record
 
+    @_serialised
     async def unsuspend(self, key_id: str, *, actor: str = "cli", source_ip: str = "") -> KeyRecord:
         record = await self.get(key_id)
         if record.status != "suspended":
@@ -256,6 +283,7 @@ class KeyService:
         self._evict(record.id)
         return record
 
+    @_serialised
     async def rotate(
         self, key_id: str, *, grace: str = "24h", actor: str = "cli", source_ip: str = ""
     ) -> tuple[KeyRecord, str, KeyRecord]:
