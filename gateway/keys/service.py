@@ -21,7 +21,7 @@ from gateway.keys.cache import KeyCache
 from gateway.keys.digest import Peppers
 from gateway.keys.format import ALPHABET, ENVS, generate, hint
 from gateway.keys.model import AuditEntry, KeyRecord
-from gateway.store.base import KeyStore
+from gateway.store.base import KeyStore, StaleKey
 
 _OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:+-]{0,127}$")
 _SCOPE = re.compile(r"^(\*|[a-z0-9][a-z0-9_.-]*(:([a-z0-9][a-z0-9_.-]*|\*))*)$")
@@ -241,7 +241,8 @@ class KeyService:
             setattr(record, field, value)
         after = record.public()
         change: dict[str, object] = {k: {"from": before[k], "to": after[k]} for k in after if before[k] != after[k]}
-        await self.store.update_key(record, AuditEntry("update", actor, source_ip, record.id, change, at=self.clock.now()))
+        audit = AuditEntry("update", actor, source_ip, record.id, change, at=self.clock.now())
+        await self._write(record, audit, record.status)
         self._evict(record.id)
         return record
 
@@ -253,11 +254,12 @@ class KeyService:
         record = await self.get(key_id)
         if record.status == "revoked":
             return record
+        was = record.status
         record.status = "revoked"
         record.revoked_at = self.clock.now()
         record.revoke_reason = reason or None
         audit = AuditEntry("revoke", actor, source_ip, record.id, {"reason": reason}, at=record.revoked_at)
-        await self.store.update_key(record, audit)
+        await self._write(record, audit, was)
         self._evict(record.id)
         return record
 
@@ -269,7 +271,7 @@ class KeyService:
             return record
         record.status = "suspended"
         audit = AuditEntry("suspend", actor, source_ip, record.id, {"reason": reason[:500]}, at=self.clock.now())
-        await self.store.update_key(record, audit)
+        await self._write(record, audit, "active")
         self._evict(record.id)
         return record
 
@@ -279,7 +281,7 @@ class KeyService:
         if record.status != "suspended":
             raise Conflict(f"the key is {record.status}, not suspended")
         record.status = "active"
-        await self.store.update_key(record, AuditEntry("unsuspend", actor, source_ip, record.id, {}, at=self.clock.now()))
+        await self._write(record, AuditEntry("unsuspend", actor, source_ip, record.id, {}, at=self.clock.now()), "suspended")
         self._evict(record.id)
         return record
 
@@ -315,7 +317,10 @@ class KeyService:
         old.rotated_to = new.id
         old.grace_until = now + timedelta(seconds=grace_seconds)
         change = {"successor": new.id, "grace_until": old.public()["expires_at"]}
-        await self.store.rotate(old, new, AuditEntry("rotate", actor, source_ip, old.id, change, at=now))
+        try:
+            await self.store.rotate(old, new, AuditEntry("rotate", actor, source_ip, old.id, change, at=now))
+        except StaleKey as e:
+            raise Conflict(f"{e}; nothing was changed") from None
         self._evict(old.id)
         return new, raw, old
 
@@ -327,6 +332,13 @@ class KeyService:
             return await self.store.list_audit(since=start, key_id=key_id, limit=limit)
         entries = await self.store.list_audit(since=start, key_id=key_id, limit=max(limit, 10_000))
         return [e for e in entries if e.action == action][:limit]
+
+    async def _write(self, record: KeyRecord, audit: AuditEntry, expect_status: str) -> None:
+        """Write unless another process changed the key's status since it was read."""
+        try:
+            await self.store.update_key(record, audit, expect_status)
+        except StaleKey as e:
+            raise Conflict(f"{e}; nothing was changed, read it again") from None
 
     def _evict(self, key_id: str) -> None:
         if self.cache is not None:

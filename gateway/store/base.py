@@ -10,6 +10,10 @@ from gateway.keys.model import AuditEntry, KeyRecord
 from gateway.usage.record import UsageRecord
 
 
+class StaleKey(Exception):
+    """The key's status changed since it was read (a revoke elsewhere, say): the write was not made."""
+
+
 class StoreUnavailable(Exception):
     """The store could not be reached or did not answer; callers decide whether stale data may serve."""
 
@@ -63,12 +67,18 @@ class KeyStore(ABC):
         """Store a new key and its audit entry; ValueError if the id or digest exists."""
 
     @abstractmethod
-    async def update_key(self, record: KeyRecord, audit: AuditEntry | None) -> None:
-        """Write every mutable field of an existing key (and the audit entry, if any); KeyError if absent."""
+    async def update_key(
+        self, record: KeyRecord, audit: AuditEntry | None, expect_status: str | None = None
+    ) -> None:
+        """Write every mutable field of an existing key (and the audit entry, if any); KeyError if absent.
+
+        With `expect_status`, the write happens only if the stored status is still that one (checked
+        and written in one transaction); otherwise StaleKey, and nothing is written."""
 
     @abstractmethod
     async def rotate(self, old: KeyRecord, new: KeyRecord, audit: AuditEntry) -> None:
-        """Insert the successor and update the old key in one transaction."""
+        """Insert the successor and update the old key in one transaction; StaleKey unless the old key
+        is still active."""
 
     @abstractmethod
     async def set_digest(self, key_id: str, digest: bytes, pepper_version: int) -> None:

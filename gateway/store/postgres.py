@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from gateway.keys.model import AuditEntry, KeyRecord
-from gateway.store.base import KeyStore, StoreUnavailable, UsageReport, UsageStore
+from gateway.store.base import KeyStore, StaleKey, StoreUnavailable, UsageReport, UsageStore
 from gateway.store.migrate import (
     AUDIT_COLUMNS,
     KEY_COLUMNS,
@@ -372,12 +372,14 @@ class PostgresStore(KeyStore, UsageStore):
             audit_id = await conn.fetchval(_INSERT_AUDIT, *audit_params)
         audit.id = int(audit_id)
 
-    async def update_key(self, record: KeyRecord, audit: AuditEntry | None) -> None:
+    async def update_key(
+        self, record: KeyRecord, audit: AuditEntry | None, expect_status: str | None = None
+    ) -> None:
         update_params = _update_params(record)
         audit_params = _audit_params(audit) if audit is not None else None
         audit_id = None
         async with self._connection() as conn, conn.transaction():
-            await _update_key(conn, record, update_params)
+            await _update_key(conn, record, update_params, expect_status)
             if audit_params is not None:
                 audit_id = await conn.fetchval(_INSERT_AUDIT, *audit_params)
         if audit is not None and audit_id is not None:
@@ -389,7 +391,7 @@ class PostgresStore(KeyStore, UsageStore):
         audit_params = _audit_params(audit)
         async with self._connection() as conn, conn.transaction():
             await _insert_key(conn, new, new_params)
-            await _update_key(conn, old, old_params)
+            await _update_key(conn, old, old_params, "active")
             audit_id = await conn.fetchval(_INSERT_AUDIT, *audit_params)
         audit.id = int(audit_id)
 
@@ -562,7 +564,11 @@ async def _insert_key(conn: Any, record: KeyRecord, params: tuple[Any, ...]) -> 
         raise _conflict(exc, record) from None
 
 
-async def _update_key(conn: Any, record: KeyRecord, params: tuple[Any, ...]) -> None:
+async def _update_key(conn: Any, record: KeyRecord, params: tuple[Any, ...], expect_status: str | None = None) -> None:
+    if expect_status is not None:
+        status = await conn.fetchval("SELECT status FROM api_keys WHERE id = $1 FOR UPDATE", record.id)
+        if status is not None and status != expect_status:
+            raise StaleKey(f"key {record.id} is {status} now")
     try:
         found = await conn.fetchval(_UPDATE_KEY, *params)
     except asyncpg.IntegrityConstraintViolationError as exc:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from gateway.keys.model import AuditEntry, KeyRecord
-from gateway.store.base import KeyStore, StoreUnavailable, UsageReport, UsageStore
+from gateway.store.base import KeyStore, StaleKey, StoreUnavailable, UsageReport, UsageStore
 from gateway.store.migrate import (
     AUDIT_COLUMNS,
     KEY_COLUMNS,
@@ -333,13 +333,15 @@ class SQLiteStore(KeyStore, UsageStore):
 
         audit.id = await self._run(insert)
 
-    async def update_key(self, record: KeyRecord, audit: AuditEntry | None) -> None:
+    async def update_key(
+        self, record: KeyRecord, audit: AuditEntry | None, expect_status: str | None = None
+    ) -> None:
         update_params = _update_params(record)
         audit_params = _audit_params(audit) if audit is not None else None
 
         def update(conn: sqlite3.Connection) -> int | None:
             with _write(conn):
-                _update_key(conn, record, update_params)
+                _update_key(conn, record, update_params, expect_status)
                 return _insert_audit(conn, audit_params) if audit_params is not None else None
 
         audit_id = await self._run(update)
@@ -354,7 +356,7 @@ class SQLiteStore(KeyStore, UsageStore):
         def rotate(conn: sqlite3.Connection) -> int:
             with _write(conn):
                 _insert_key(conn, new, new_params)
-                _update_key(conn, old, old_params)
+                _update_key(conn, old, old_params, "active")
                 return _insert_audit(conn, audit_params)
 
         audit.id = await self._run(rotate)
@@ -585,7 +587,14 @@ def _insert_key(conn: sqlite3.Connection, record: KeyRecord, params: tuple[Any, 
         raise _conflict(exc, record) from None
 
 
-def _update_key(conn: sqlite3.Connection, record: KeyRecord, params: tuple[Any, ...]) -> None:
+def _update_key(
+    conn: sqlite3.Connection, record: KeyRecord, params: tuple[Any, ...], expect_status: str | None = None
+) -> None:
+    if expect_status is not None:
+        # Inside the write transaction (BEGIN IMMEDIATE): nobody can change the row in between.
+        row = conn.execute("SELECT status FROM api_keys WHERE id = ?", (record.id,)).fetchone()
+        if row is not None and row[0] != expect_status:
+            raise StaleKey(f"key {record.id} is {row[0]} now")
     try:
         cursor = conn.execute(_UPDATE_KEY, params)
     except sqlite3.IntegrityError as exc:

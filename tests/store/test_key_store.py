@@ -16,6 +16,7 @@ import pytest
 
 from gateway.keys.model import AuditEntry, KeyRecord
 from gateway.store import KeyStore, StoreUnavailable, open_store
+from gateway.store.base import StaleKey
 from gateway.store.migrate import list_migrations
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SQLiteStore, parse_sqlite_url
@@ -242,6 +243,26 @@ async def test_rotate_is_all_or_nothing(store: KeyStore) -> None:
     assert await store.get_key("k4") is None
 
     assert [e.action for e in await store.list_audit()] == ["create", "create"]
+
+
+async def test_a_write_based_on_a_stale_status_is_refused(store: KeyStore) -> None:
+    """Another process revoked the key between this one's read and write: the revoke must stand."""
+    await insert(store, make_key("k1", 1))
+    seen = await store.get_key("k1")
+    assert seen is not None
+    await store.update_key(replace(seen, status="revoked"), audit("revoke", "k1"), expect_status="active")
+
+    renamed = replace(seen, name="renamed")  # built from the stale read: status still "active"
+    with pytest.raises(StaleKey):
+        await store.update_key(renamed, audit("update", "k1"), expect_status="active")
+    stored = await store.get_key("k1")
+    assert stored is not None and stored.status == "revoked" and stored.name == "k1 name"
+    assert [e.action for e in await store.list_audit()] == ["revoke", "create"]
+
+    successor = make_key("k2", 2, rotated_from="k1")
+    with pytest.raises(StaleKey):
+        await store.rotate(replace(seen, rotated_to="k2"), successor, audit("rotate", "k1"))
+    assert await store.get_key("k2") is None
 
 
 async def test_touch_only_moves_forward(store: KeyStore) -> None:
