@@ -16,6 +16,8 @@ from gateway.config.schema import GatewayConfig
 from gateway.http.exchange import Exchange
 from gateway.proxy import build_routes
 from gateway.services import Services
+from gateway.stages.auth import AuthStage
+from gateway.stages.authorize import IPAllowStage, ScopeStage
 
 N = 200_000
 
@@ -35,7 +37,9 @@ async def measure() -> dict[str, float]:
         try:
             _, raw = await services.keys.create("bench", scopes=["r:read"])
             route = build_routes(config, services)[0]
-            auth, ipallow, scopes = route.stages[0], route.stages[1], route.stages[2]
+            auth = next(s for s in route.stages if isinstance(s, AuthStage))
+            ipallow = next(s for s in route.stages if isinstance(s, IPAllowStage))
+            scopes = next(s for s in route.stages if isinstance(s, ScopeStage))
             headers = [(b"host", b"x"), (b"user-agent", b"wrk"), (b"x-api-key", raw.encode())]
 
             def exchange() -> Exchange:

@@ -17,6 +17,7 @@ from gateway.config.schema import GatewayConfig
 from gateway.http.exchange import Exchange
 from gateway.proxy import build_routes
 from gateway.services import Services
+from gateway.stages.auth import AuthStage
 from gateway.telemetry import Telemetry
 
 N = 200_000
@@ -39,7 +40,8 @@ async def measure() -> dict[str, float]:
             ex0 = Exchange(0.0)
             ex0.headers = [(b"x-api-key", raw.encode())]
             ex0.client_ip = "127.0.0.1"
-            pending = route.stages[1](ex0)
+            auth = next(s for s in route.stages if isinstance(s, AuthStage))
+            pending = auth(ex0)
             if pending is not None:
                 await pending
             principal = ex0.principal
