@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from gateway.admin.app import build_admin_app
 from gateway.config.schema import GatewayConfig
 from gateway.fleet_metrics import FleetCollector, write_snapshot
-from gateway.keys.peppers import PepperMissing
+from gateway.keys.peppers import PepperMissing, load_peppers
 from gateway.proxy import ProxyServer
 from gateway.services import Services
 from gateway.store import StoreUnavailable
@@ -165,6 +165,11 @@ def run(config: GatewayConfig, workers: int = 1) -> int:
 
 
 def _supervise(config: GatewayConfig, workers: int) -> int:
+    # A fresh SQLite store's generated pepper is made once, here: workers racing to create it would crash.
+    try:
+        load_peppers(config.keys, config.store)
+    except PepperMissing as e:
+        raise StartupError(str(e)) from None
     # Bind once here so a bad address fails before any fork; the workers bind their own SO_REUSEPORT sockets.
     host, port = config.listen
     probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -306,7 +311,7 @@ async def _supervisor_loop(config: GatewayConfig, children: list[int], ready_fd:
         await gw.admin_runner.cleanup()
     if gw.services is not None:
         await gw.services.close()
-    return 0
+    return 1 if failed else 0
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -27,6 +27,7 @@ class Exchange:
         "client_ip",
         "content_length",
         "credential_header",
+        "discarding",
         "done",
         "error_code",
         "expect_continue",
@@ -89,6 +90,7 @@ class Exchange:
         self.response_extra: list[tuple[bytes, bytes]] = []
         self.response_started = False
         self.retried = False
+        self.discarding = False  # answered already; the rest of its body is read and dropped
         self.bytes_out = 0
         self.error_code = ""
         self.upstream_started = 0.0

@@ -32,6 +32,7 @@ PAUSE_BUFFER = 1
 PAUSE_UPSTREAM = 2
 IDEMPOTENT = frozenset(["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"])
 LINGER = 2.0
+DISCARD_LIMIT = 64 * 1024
 
 # What a deadline means when it passes.
 D_HEADER, D_BODY, D_IDLE, D_LINGER = 1, 2, 3, 4
@@ -274,6 +275,8 @@ class ClientConnection(asyncio.Protocol):
         n = len(chunk)
         ex.body_received += n
         self.deadline = self.loop.time() + self.server.body_timeout
+        if ex.discarding:
+            return
         route = ex.route
         if route is not None and ex.body_received > route.config.max_body:
             self._refuse(
@@ -306,6 +309,9 @@ class ClientConnection(asyncio.Protocol):
         if self.deadline_kind == D_BODY:
             self.deadline = INF
             self.deadline_kind = 0
+        if ex.discarding:
+            ex.discarding = False
+            self._complete(ex)
 
     # --- running an exchange ----------------------------------------------------------------
     def _start_next(self) -> None:
@@ -543,6 +549,11 @@ class ClientConnection(asyncio.Protocol):
         ex.status = status
         ex.response_started = True
         ex.bytes_out = len(body)
+        if not ex.body_complete and ex.keep_alive and self._can_discard(ex):
+            # A small body behind a refusal: read and drop it, and keep the connection (as nginx does).
+            self._write_simple(status, headers, body, ctype, ex.request_id, False, ex.method == "HEAD")
+            ex.discarding = True
+            return
         if not ex.body_complete:
             ex.keep_alive = False
         self._write_simple(status, headers, body, ctype, ex.request_id, not ex.keep_alive, ex.method == "HEAD")
@@ -553,6 +564,16 @@ class ClientConnection(asyncio.Protocol):
             self.server.record(ex)
             return
         self._complete(ex)
+
+    def _can_discard(self, ex: Exchange) -> bool:
+        """Only a declared, small rest of a body being read now, from a client not waiting on 100."""
+        return (
+            ex is self.current
+            and ex.body_kind == BODY_LENGTH
+            and ex.content_length - ex.body_received <= DISCARD_LIMIT
+            and ex.expect_continue != 1
+            and not self.stop_parsing
+        )
 
     def _write_problem(self, ex: Exchange | None, err: GatewayError, close: bool) -> None:
         self._write_simple(err.status, err.headers, err.body(None), b"application/problem+json", "", close, False)

@@ -13,18 +13,32 @@ from importlib.resources import files
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from gateway.ratelimit.base import Counters, Limiter, LimiterUnavailable
 from gateway.ratelimit.policy import BUCKETS, Decision, Outcome
 
 SCRIPT = (files("gateway.ratelimit") / "limit.lua").read_text()
+LATE = 0.005  # seconds past a call's deadline that show the event loop itself was held up
 
 
 class RedisLimiter(Limiter):
     def __init__(self, url: str, timeout: float, now_ms: int = 0) -> None:
+        # The call's deadline is kept in _flush. The socket timeouts are only a safety net: at the
+        # call's own length they would fire on a reply that came in while the loop was busy.
+        safety = max(1.0, 10 * timeout)
         self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
+            url,
+            socket_timeout=safety,
+            socket_connect_timeout=safety,
+            health_check_interval=0,
+            # A pooled connection that a restarted Redis closed fails on first use: reconnect and send
+            # again, at once. Only connection errors are retried, once; a slow Redis is left to the
+            # timeout and the failure policy.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self.sha = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
         self.timeout = timeout
@@ -64,8 +78,19 @@ class RedisLimiter(Limiter):
         return results
 
     async def _flush(self, batch: list[tuple[Counters, int, asyncio.Future[Decision]]]) -> None:
+        loop = asyncio.get_running_loop()
+        send = loop.create_task(self._send(batch))
         try:
-            results = await asyncio.wait_for(self._send(batch), self.timeout)
+            deadline = loop.time() + self.timeout
+            done, _ = await asyncio.wait((send,), timeout=self.timeout)
+            if not done and loop.time() - deadline > LATE:
+                # This loop woke up late: it was busy elsewhere (or starved of CPU) while the reply
+                # may have come in time. That time was not Redis's: one more timeout from now.
+                done, _ = await asyncio.wait((send,), timeout=self.timeout)
+            if not done:
+                send.cancel()
+                raise TimeoutError
+            results = send.result()
         except (RedisError, OSError, TimeoutError) as e:
             err = LimiterUnavailable(f"redis: {type(e).__name__}")
             for _, _, fut in batch:

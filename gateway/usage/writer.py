@@ -122,7 +122,10 @@ class UsageWriter:
 
     async def _to_spool(self, batch: list[UsageRecord]) -> None:
         if not self.spool.has_room() and self.policy == "drop":
-            self.dropped.inc(len(batch))
+            # A record is lost only when neither the spool nor the store can take it: the store may
+            # be back since the last write failed (the replay would only notice with an empty queue).
+            if not await self._write(batch):
+                self.dropped.inc(len(batch))
             return
         # Under `shed` the cap is enforced by refusing new metered requests; what was already
         # served is written even past it, never lost.
