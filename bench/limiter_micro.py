@@ -1,0 +1,121 @@
+"""Microbenchmark: CPU cost of one rate-limit decision, memory limiter vs Redis limiter.
+
+- memory: `MemoryLimiter.hit` on a key with two limits (1000/second, 1000000/hour) plus an owner
+  limit, spread over 1000 keys so the counter map is realistic; CPU-µs per decision. The limits are
+  high enough that every decision admits (the common case, which also writes the counters).
+- redis: the `RedisLimiter` as the gateway uses it, batched: 64 concurrent hits per event-loop tick
+  (one pipeline each), on a real Redis. Reports this process's CPU time per decision (Redis's own
+  CPU is not counted: it is another process) and round trips per decision.
+
+    .venv/bin/python -m bench.limiter_micro [--redis redis://127.0.0.1:6379/0]
+
+Without --redis, `$GATEWAY_TEST_REDIS_URL` is used; with neither, only the memory limiter is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+import uuid
+
+from gateway.clock import Clock
+from gateway.ratelimit.base import Counters
+from gateway.ratelimit.memory import MemoryLimiter
+from gateway.ratelimit.policy import Decision, parse_limits
+
+MEMORY_DECISIONS = 300_000
+REDIS_DECISIONS = 64 * 500
+BATCH = 64
+KEYS = 1000
+
+
+def plans(prefix: str) -> list[Counters]:
+    """KEYS keys of one owner each: own 1000/second + 1000000/hour, and the owner's 10000000/day."""
+    own = parse_limits(["1000/second", "1000000/hour"])
+    owner = parse_limits(["10000000/day"], prefix="owner-")
+    out = []
+    for i in range(KEYS):
+        tag = "{" + f"{prefix}o{i}" + "}"
+        c = [(f"rl:{tag}:k:key{i}:{lim.name}", lim) for lim in own]
+        c += [(f"rl:{tag}:o:{lim.name}", lim) for lim in owner]
+        out.append(c)
+    return out
+
+
+def measure_memory() -> dict[str, float]:
+    limiter = MemoryLimiter(Clock())
+    counters = plans("m")
+    for c in counters:  # counters exist already: the steady state, not first sight of a key
+        limiter.hit(c)
+    n = MEMORY_DECISIONS
+    start = time.process_time()
+    admitted = 0
+    for i in range(n):
+        d = limiter.hit(counters[i % KEYS])
+        admitted += d.allowed  # type: ignore[union-attr]
+    cpu = time.process_time() - start
+    return {"cpu_us": cpu / n * 1e6, "round_trips": 0.0, "decisions": n, "admitted": admitted}
+
+
+async def measure_redis(url: str) -> dict[str, float]:
+    from gateway.ratelimit.redis import RedisLimiter
+
+    limiter = RedisLimiter(url, timeout=2.0)
+    counters = plans("bench-" + uuid.uuid4().hex[:8] + "-")
+    try:
+        # warm up: connection, script loaded, counters created
+        await asyncio.gather(*[limiter.hit(c) for c in counters[:BATCH]])  # type: ignore[misc]
+        rounds = REDIS_DECISIONS // BATCH
+        trips = limiter.round_trips
+        admitted = 0
+        start_cpu, start_wall = time.process_time(), time.perf_counter()
+        for r in range(rounds):
+            base = (r * BATCH) % KEYS
+            batch = [limiter.hit(counters[(base + j) % KEYS]) for j in range(BATCH)]
+            for d in await asyncio.gather(*batch):  # type: ignore[misc]
+                assert isinstance(d, Decision)
+                admitted += d.allowed
+        cpu = time.process_time() - start_cpu
+        wall = time.perf_counter() - start_wall
+        n = rounds * BATCH
+        return {
+            "cpu_us": cpu / n * 1e6,
+            "round_trips": (limiter.round_trips - trips) / n,
+            "decisions": n,
+            "admitted": admitted,
+            "wall_us": wall / n * 1e6,
+        }
+    finally:
+        client = limiter.redis
+        async for k in client.scan_iter(match="rl:{bench-*"):
+            await client.delete(k)
+        await limiter.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--redis", default=os.environ.get("GATEWAY_TEST_REDIS_URL", ""), help="redis://… to measure")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    rows = [("memory", measure_memory())]
+    if args.redis:
+        rows.append((f"redis (batch {BATCH}/tick)", asyncio.run(measure_redis(args.redis))))
+    print(f"{'limiter':<22} {'CPU-µs/decision':>16} {'round trips/decision':>21} {'decisions':>10}")
+    for name, r in rows:
+        print(f"{name:<22} {r['cpu_us']:16.2f} {r['round_trips']:21.4f} {int(r['decisions']):10d}")
+    if len(rows) == 2:
+        print(f"redis / memory CPU: {rows[1][1]['cpu_us'] / rows[0][1]['cpu_us']:.2f}x "
+              f"(wall {rows[1][1]['wall_us']:.1f} µs/decision; Redis server CPU not included)")
+    else:
+        print("no Redis given (--redis or $GATEWAY_TEST_REDIS_URL): memory only")
+
+
+if __name__ == "__main__":
+    main()
