@@ -15,7 +15,7 @@ _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _SCOPE = re.compile(r"^(\*|[a-z0-9][a-z0-9_.-]*(:([a-z0-9][a-z0-9_.-]*|\*))*)$")
 
 
-def _check_rates(rates: list[str]) -> None:
+def check_rates(rates: list[str]) -> None:
     periods: set[int] = set()
     for r in rates:
         _, period = parse_rate(r)
@@ -115,7 +115,7 @@ class RateLimitConfig(Strict):
     @field_validator("owner_limits")
     @classmethod
     def _owner_limits(cls, v: list[str]) -> list[str]:
-        _check_rates(v)
+        check_rates(v)
         return v
 
     @field_validator("backend")
@@ -256,7 +256,7 @@ class RouteConfig(Strict):
     @field_validator("ratelimit")
     @classmethod
     def _ratelimit(cls, v: list[str]) -> list[str]:
-        _check_rates(v)
+        check_rates(v)
         return v
 
 

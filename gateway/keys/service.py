@@ -16,7 +16,8 @@ from datetime import datetime, timedelta
 from typing import Concatenate, ParamSpec, TypeVar
 
 from gateway.clock import Clock
-from gateway.config.units import parse_duration, parse_network, parse_rate
+from gateway.config.schema import check_rates
+from gateway.config.units import parse_duration, parse_network
 from gateway.keys.cache import KeyCache
 from gateway.keys.digest import Peppers
 from gateway.keys.format import ALPHABET, ENVS, generate, hint
@@ -91,13 +92,12 @@ def check_ips(ips: list[str]) -> list[str]:
 
 
 def check_limits(limits: list[str]) -> list[str]:
-    if not isinstance(limits, list):
-        raise InvalidInput("limits", "must be a list")
-    for lim in limits:
-        try:
-            parse_rate(lim)
-        except ValueError as e:
-            raise InvalidInput("limits", str(e)) from None
+    if not isinstance(limits, list) or not all(isinstance(lim, str) for lim in limits):
+        raise InvalidInput("limits", "must be a list of rates such as 100/minute")
+    try:
+        check_rates(limits)
+    except ValueError as e:
+        raise InvalidInput("limits", str(e)) from None
     return list(limits)
 
 

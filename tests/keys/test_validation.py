@@ -38,6 +38,8 @@ BAD_CREATE: list[tuple[dict[str, Any], str]] = [
     ({"limits": ["0/minute"]}, "limits"),
     ({"limits": ["lots"]}, "limits"),
     ({"limits": "10/second"}, "limits"),
+    ({"limits": ["3/minute", "5/minute"]}, "limits"),
+    ({"limits": [10]}, "limits"),
     ({"env": "prod"}, "env"),
     ({"name": "x" * 129}, "name"),
     ({"name": "line\nbreak"}, "name"),
