@@ -16,10 +16,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway.ratelimit.base import Counters, Limiter, LimiterUnavailable
-from gateway.ratelimit.policy import BUCKETS, Decision, Outcome
+from gateway.ratelimit.policy import BUCKETS, Decision, Limit, Outcome
 
 SCRIPT = (files("gateway.ratelimit") / "limit.lua").read_text()
 LATE = 0.005  # seconds past a call's deadline that show the event loop itself was held up
@@ -27,12 +27,14 @@ LATE = 0.005  # seconds past a call's deadline that show the event loop itself w
 
 class RedisLimiter(Limiter):
     def __init__(self, url: str, timeout: float, now_ms: int = 0) -> None:
-        # The call's deadline is kept in _flush. The socket timeouts are only a safety net: at the
-        # call's own length they would fire on a reply that came in while the loop was busy.
+        # The call's deadline is kept in _flush, which cancels a late call (and the connection is
+        # dropped). No socket read timeout: redis-py would arm a timer per reply, which cost more
+        # than the rest of a decision; at the call's own length it would also fire on replies that
+        # came in while the loop was busy.
         safety = max(1.0, 10 * timeout)
         self.redis = aioredis.Redis.from_url(
             url,
-            socket_timeout=safety,
+            socket_timeout=None,
             socket_connect_timeout=safety,
             health_check_interval=0,
             # A pooled connection that a restarted Redis closed fails on first use: reconnect and send
@@ -43,6 +45,11 @@ class RedisLimiter(Limiter):
         self.sha = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
         self.timeout = timeout
         self.now_ms = now_ms  # tests only: a fixed time instead of Redis TIME
+        self._head = b"$7\r\nEVALSHA\r\n" + _bulk(self.sha)
+        self._buckets = _bulk(BUCKETS)
+        self._zero = _bulk(0)
+        self._keys: dict[str, bytes] = {}
+        self._limits: dict[Limit, bytes] = {}
         self._queue: list[tuple[Counters, int, asyncio.Future[Decision]]] = []
         self._flush_scheduled = False
         self.round_trips = 0
@@ -62,15 +69,50 @@ class RedisLimiter(Limiter):
         task = asyncio.get_running_loop().create_task(self._flush(batch))
         task.add_done_callback(_consume)
 
+    def _encode(self, counters: Counters, cost: int) -> bytes:
+        """One EVALSHA in RESP, from cached pieces: redis-py's general command packing cost more
+        than the rest of a decision (bench/limiter_micro.py)."""
+        keys = self._keys
+        limits = self._limits
+        parts = [b"*%d\r\n" % (6 + 4 * len(counters)), self._head, _bulk(len(counters))]
+        for key, _ in counters:
+            enc = keys.get(key)
+            if enc is None:
+                if len(keys) > 100_000:
+                    keys.clear()
+                enc = keys[key] = _bulk(key)
+            parts.append(enc)
+        parts += (self._buckets, _bulk(cost), _bulk(self.now_ms) if self.now_ms else self._zero)
+        for _, limit in counters:
+            enc = limits.get(limit)
+            if enc is None:
+                enc = limits[limit] = _bulk(limit.count) + _bulk(limit.period) + _bulk(limit.width_ms)
+            parts.append(enc)
+        return b"".join(parts)
+
     async def _send(self, batch: list[tuple[Counters, int, asyncio.Future[Decision]]]) -> list[Any]:
-        pipe = self.redis.pipeline(transaction=False)
-        for counters, cost, _ in batch:
-            args: list[Any] = [BUCKETS, cost, self.now_ms]
-            for _, limit in counters:
-                args += (limit.count, limit.period, limit.width_ms)
-            pipe.evalsha(self.sha, len(counters), *[k for k, _ in counters], *args)
+        blob = b"".join([self._encode(counters, cost) for counters, cost, _ in batch])
         self.round_trips += 1
-        results: list[Any] = await pipe.execute(raise_on_error=False)
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            try:
+                await conn.send_packed_command(blob, check_health=False)
+            except RedisConnectionError:
+                # A pooled connection that a restarted Redis closed: reconnect and send again, once.
+                await conn.disconnect()
+                await conn.send_packed_command(blob, check_health=False)
+            results: list[Any] = []
+            for _ in batch:
+                try:
+                    results.append(await conn.read_response())
+                except ResponseError as e:  # one command's error: the stream stays in step
+                    results.append(e)
+        except BaseException:
+            await conn.disconnect()  # replies may still be in flight: this connection is out of step
+            raise
+        finally:
+            await pool.release(conn)
         if any(isinstance(r, NoScriptError) for r in results):
             # A restarted or new Redis has no scripts: load it once and send the batch again.
             await self.redis.script_load(SCRIPT)
@@ -116,6 +158,11 @@ def _decision(counters: Counters, result: list[int]) -> Decision:
         remaining, reset, retry = result[2 + i * 3 : 5 + i * 3]
         outcomes.append(Outcome(limit, int(remaining), reset / 1000, retry / 1000))
     return Decision(allowed, outcomes)
+
+
+def _bulk(value: object) -> bytes:
+    data = value.encode() if isinstance(value, str) else str(value).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 def _consume(task: asyncio.Task[None]) -> None:

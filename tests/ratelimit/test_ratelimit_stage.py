@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from gateway.clock import FakeClock
+from gateway.keys.service import InvalidInput
 from tests.helpers.gateway import RunningGateway, start_gateway
 from tests.helpers.upstream import RecordingUpstream
 from tests.keys.support import Resp, bearer, call, config_data, problem, validate
@@ -125,10 +126,16 @@ async def test_a_keys_own_limits_apply_on_a_route_without_defaults(start: Start,
 
 
 async def test_two_own_limits_of_one_period_each_count_once(start: Start, up: RecordingUpstream) -> None:
-    """The key store accepts `--limit 3/minute --limit 5/minute`: the tighter one binds, each request
-    counts once (not once per limit on a shared counter)."""
+    """The service refuses two limits of one period, but a record stored with them (written before that
+    check, or straight into the store) must still bind with the tighter one, each request counting once
+    (not once per limit on a shared counter)."""
     gw = await start([route(up)])
-    _, key = await gw.services.keys.create("alice", limits=["5/minute", "3/minute"])
+    with pytest.raises(InvalidInput):
+        await gw.services.keys.create("alice", limits=["5/minute", "3/minute"])
+    record, key = await gw.services.keys.create("alice", limits=["3/minute"])
+    record.limits = ["5/minute", "3/minute"]
+    await gw.services.store.update_key(record, None)
+    gw.services.cache.invalidate(record.id)
     answers = [await get(gw, key) for _ in range(4)]
     assert [r.status for r in answers] == [200, 200, 200, 429]
     policy = answers[0].header("RateLimit-Policy") or ""
