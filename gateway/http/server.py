@@ -325,15 +325,8 @@ class ClientConnection(asyncio.Protocol):
             pending = self.server.pipeline.begin(ex, self.peer)
             if ex.body_received > ex.route.config.max_body:  # type: ignore[union-attr]
                 raise GatewayError("payload_too_large", "the body exceeds this route's limit", close=True)
-        except GatewayError as e:
-            self._reject(ex, e)
-            return
-        except DirectResponse as d:
-            self._write_response(ex, d.status, d.headers, d.body, b"")
-            return
-        except Exception:
-            log.exception("request pipeline failed")
-            self._reject(ex, GatewayError("internal_error", "the gateway failed to handle this request"))
+        except Exception as e:
+            self._stage_failed(ex, e)
             return
         if pending is None:
             self._dispatch(ex, fresh=False)
@@ -343,18 +336,21 @@ class ClientConnection(asyncio.Protocol):
     async def _await_stages(self, ex: Exchange, pending: Awaitable[None]) -> None:
         try:
             await pending
-        except GatewayError as e:
-            self._reject(ex, e)
-            return
-        except DirectResponse as d:
-            self._write_response(ex, d.status, d.headers, d.body, b"")
-            return
-        except Exception:
-            log.exception("request pipeline failed")
-            self._reject(ex, GatewayError("internal_error", "the gateway failed to handle this request"))
+        except Exception as e:
+            self._stage_failed(ex, e)
             return
         if not self.closed and ex is self.active:
             self._dispatch(ex, fresh=False)
+
+    def _stage_failed(self, ex: Exchange, e: Exception) -> None:
+        """A stage refused (GatewayError), answered itself (DirectResponse), or broke (a bug: 500)."""
+        if isinstance(e, GatewayError):
+            self._reject(ex, e)
+        elif isinstance(e, DirectResponse):
+            self._write_response(ex, e.status, e.headers, e.body, b"")
+        else:
+            log.error("request pipeline failed", exc_info=e)
+            self._reject(ex, GatewayError("internal_error", "the gateway failed to handle this request"))
 
     def _dispatch(self, ex: Exchange, fresh: bool) -> None:
         route = ex.route
