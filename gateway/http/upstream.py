@@ -110,15 +110,23 @@ class UpstreamConnection(asyncio.Protocol):
         self.total_deadline = now + total if total else INF
         self.pool.busy.add(self)
         ex.upstream = self
-        self.transport.write(head)
+        # One write (one syscall) for the head, the body buffered so far, and its end.
+        parts = [head]
         chunks = ex.body_chunks
         if chunks:
             ex.body_chunks = None
             ex.buffered = 0
-            for c in chunks:
-                self.send_body(c)
-        if ex.body_complete:
-            self.end_body()
+            if ex.body_kind == BODY_CHUNKED:
+                for c in chunks:
+                    parts += (b"%x\r\n" % len(c), c, b"\r\n")
+            else:
+                parts += chunks
+        if ex.body_complete and ex.body_kind == BODY_CHUNKED:
+            parts.append(b"0\r\n\r\n")
+        if len(parts) == 1:
+            self.transport.write(head)
+        else:
+            self.transport.writelines(parts)
 
     def send_body(self, chunk: bytes) -> None:
         assert self.transport is not None and self.ex is not None
@@ -165,6 +173,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.head_raw += len(data)
                 if self.head_raw > MAX_RESPONSE_HEAD_BYTES:
                     self._fail("the upstream's response head is too large")
+        client = self.client
+        if client is not None and client.head_pending:
+            client.flush_head()  # a head whose body did not come in this read goes out now
 
     def on_status(self, reason: bytes) -> None:
         self.reason = reason
