@@ -145,8 +145,10 @@ def run_scenario(
     gw_port, admin_port = free_port(), free_port()
     config = gateway.base_config(gw_port, admin_port, upstream_port)
     config["routes"][0].update(scen.route)
+    setup = Setup(base / "gateway", config, keys, procs, cpus, load_cpus, source=args.source)
     if scen.configure:
-        scen.configure(Setup(base / "gateway", config, keys, procs, cpus, load_cpus))
+        scen.configure(setup)
+    gw_headers = setup.gateway_headers or headers
     gw = gateway.start_gateway(procs, base / "gateway", config, scen.workers, cpus, source=args.source)
     targets = [Target(report.ANCHOR, anchor, anchor_port), Target(report.OURS, gw, gw_port)]
 
@@ -156,9 +158,10 @@ def run_scenario(
         if status != 403:
             raise BenchError(f"nginx anchor: an unknown key got {status}, want 403")
         for t in targets:
-            _sanity(t, scen.path, headers, expect)
+            hdrs = gw_headers if t.name == report.OURS else headers
+            _sanity(t, scen.path, hdrs, expect)
             warm = measure(
-                procs, t, THROUGHPUT, path=scen.path, duration=WARMUP_SECONDS, headers=headers,
+                procs, t, THROUGHPUT, path=scen.path, duration=WARMUP_SECONDS, headers=hdrs,
                 load_cpus=load_cpus, log=logs / f"warmup-{t.name}.txt", helpers=[upstream.proc],
             )
             if warm["errors"]:
@@ -171,7 +174,8 @@ def run_scenario(
             for mode in (LATENCY, THROUGHPUT):
                 for t in targets:  # A B, A B: each proxy next to its anchor run
                     r = measure(
-                        procs, t, mode, path=scen.path, duration=args.duration, headers=headers,
+                        procs, t, mode, path=scen.path, duration=args.duration,
+                        headers=gw_headers if t.name == report.OURS else headers,
                         load_cpus=load_cpus, log=logs / f"{rnd}-{mode}-{t.name}.txt", helpers=[upstream.proc],
                     )
                     r["round"] = rnd

@@ -7,6 +7,7 @@ run's context (temp directory, the key table, the process list to start helpers 
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ class Setup:
     procs: Procs
     proxy_cpus: list[int] | None
     load_cpus: list[int] | None
+    source: Path | None = None  # where the gateway package is imported from
+    gateway_headers: dict[str, str] | None = None  # what wrk sends the gateway, when not the anchor's
 
     @property
     def route(self) -> dict[str, Any]:
@@ -77,6 +80,60 @@ SCENARIOS: list[Scenario] = [
             "proxies on both CPUs (gateway --workers 2, nginx worker_processes 2), sharing CPU 1 with "
             "wrk and the upstream: req/s is not a scaling figure; CPU/request is summed over all processes"
         ),
+    ),
+]
+
+def real_keys(setup: Setup, backend: str = "memory://") -> None:
+    """The full pipeline: a key created in the gateway's store (HMAC digest, verified-key cache),
+    scopes per method, three limits that admit everything (so each request counts in all of them),
+    the usage record and metrics (on by default)."""
+    import subprocess
+    import sys
+
+    from bench.gateway import gateway_env, write_config
+
+    setup.config["keys"] = {"pepper": "bench-pepper"}
+    setup.config["ratelimit"] = {"backend": backend}
+    setup.config["auth"] = {"max_failures": 1000000}
+    setup.route.update(
+        auth="required",
+        scopes={"GET": ["bench:read"]},
+        ratelimit=["1000000/second", "100000000/hour", "1000000000/day"],
+    )
+    path = write_config(setup.workdir, setup.config)
+    env = gateway_env(setup.source) if setup.source else None
+    argv = [sys.executable, "-m", "gateway", "-c", str(path), "keys", "create", "--owner", "bench",
+            "--scope", "bench:read", "--json"]
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=setup.workdir, env=env, check=True)
+    setup.gateway_headers = {"X-API-Key": json.loads(out.stdout)["key"]}
+
+
+def real_keys_redis(setup: Setup) -> None:
+    """As real_keys, with the limits in a Redis started for the run (on the load CPUs)."""
+    from bench.procs import free_port, wait_port
+
+    port = free_port()
+    redis = setup.procs.start(
+        "redis",
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        cpus=setup.load_cpus,
+        log=setup.workdir / "redis.log",
+    )
+    wait_port(redis, port)
+    real_keys(setup, f"redis://127.0.0.1:{port}/0")
+
+
+SCENARIOS += [
+    Scenario(
+        name="keys",
+        description="tiny GET, full pipeline: hashed key from the store, scopes, 3 limits (memory), usage, metrics",
+        configure=real_keys,
+    ),
+    Scenario(
+        name="keys_redis",
+        description="as keys, with the 3 limits in Redis (one Lua script per request, one pipeline per tick)",
+        configure=real_keys_redis,
+        note="Redis on the load CPUs, beside wrk and the upstream",
     ),
 ]
 
