@@ -31,6 +31,11 @@ class Pipeline:
     def begin(self, ex: Exchange, peer: str) -> Awaitable[None] | None:
         """Check the request; return None when it may go upstream now, or an awaitable to wait on."""
         ex.request_id = uuid7()
+        # The client address first: every refusal below is recorded (and throttled) with it.
+        forwarded = [v for n, v in ex.headers if n == b"x-forwarded-for"]
+        ex.client_ip, ex.xff = self.client_ip.derive(peer, forwarded)
+        if ex.expect_continue == 2:
+            raise GatewayError("expectation_failed", "only 'Expect: 100-continue' is supported", close=True)
         route = self._route(ex)
         ex.route = route
         if ex.body_kind == BODY_LENGTH and ex.content_length > route.config.max_body:
@@ -39,8 +44,6 @@ class Pipeline:
                 f"the body is {ex.content_length} bytes; this route accepts at most {route.config.max_body}",
                 close=True,
             )
-        forwarded = [v for n, v in ex.headers if n == b"x-forwarded-for"]
-        ex.client_ip, ex.xff = self.client_ip.derive(peer, forwarded)
         stages = route.stages
         for i, stage in enumerate(stages):
             pending = stage(ex)

@@ -321,8 +321,6 @@ class ClientConnection(asyncio.Protocol):
         ex = self.queue.popleft()
         self.active = ex
         try:
-            if ex.expect_continue == 2:
-                raise GatewayError("expectation_failed", "only 'Expect: 100-continue' is supported", close=True)
             pending = self.server.pipeline.begin(ex, self.peer)
             if ex.body_received > ex.route.config.max_body:  # type: ignore[union-attr]
                 raise GatewayError("payload_too_large", "the body exceeds this route's limit", close=True)
