@@ -12,6 +12,7 @@ import json
 import sys
 from bisect import bisect_left
 from collections.abc import Iterator
+from time import perf_counter
 from typing import IO
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -123,11 +124,11 @@ class Telemetry:
         self.loop_time = loop_time
 
     def __call__(self, ex: Exchange) -> None:
-        end = self.loop_time()  # type: ignore[operator]
+        end = perf_counter()
         p = ex.principal
         record = p.record if p is not None else None
         route = ex.route.name if ex.route is not None else None
-        latency = end - ex.started
+        latency = end - ex.began
         up_start = ex.upstream_started
         upstream = (ex.upstream_ended or end) - up_start if up_start else None
         self.metrics.count(route or "-", ex.method, ex.status, record.id if record else None)

@@ -18,6 +18,7 @@ class Exchange:
     """Mutable per-request state; slots keep it small and allocation cheap."""
 
     __slots__ = (
+        "began",
         "body_chunks",
         "body_complete",
         "body_kind",
@@ -60,8 +61,9 @@ class Exchange:
         "xff",
     )
 
-    def __init__(self, started: float) -> None:
-        self.started = started
+    def __init__(self, started: float, began: float = 0.0) -> None:
+        self.started = started  # loop time, for deadlines
+        self.began = began  # perf_counter(), for latencies: uvloop's loop time moves in whole milliseconds
         self.method = ""
         self.version = b"1.1"
         self.target = b""

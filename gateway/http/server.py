@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 import httptools
@@ -181,7 +182,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.stop_parsing:
             return
-        self.current = Exchange(self.loop.time())
+        self.current = Exchange(self.loop.time(), perf_counter())
         self.head_bytes = self.header_count = self.head_raw = 0
         self.begun += 1
         self.in_body = False
@@ -389,7 +390,8 @@ class ClientConnection(asyncio.Protocol):
         self._send(ex, conn, head)
 
     def _send(self, ex: Exchange, conn: UpstreamConnection, head: bytes) -> None:
-        ex.upstream_started = now = self.loop.time()
+        now = self.loop.time()
+        ex.upstream_started = perf_counter()
         conn.send(ex, self, head, now)
         if self.write_paused and conn.transport is not None:
             conn.transport.pause_reading()
@@ -469,7 +471,7 @@ class ClientConnection(asyncio.Protocol):
             self.head_pending = b""
             self.transport.write(head + end)
         ex.upstream = None
-        ex.upstream_ended = self.loop.time()
+        ex.upstream_ended = perf_counter()
         self.server.pool.release(conn)
         self._complete(ex)
 

@@ -43,6 +43,24 @@ def _scrub(ex: Exchange, key: bytes, source: bytes | None, carriers: bool) -> No
         ex.query = query.replace(key, REDACTED)
 
 
+def _scrub_lookalikes(ex: Exchange, fmt: KeyFormat) -> None:
+    """No credential came, yet a carrier header may hold a key (a page URL with ?api_key=…): replace
+    whatever has the shape of one of our keys (prefix, env, checksum), so it never goes upstream."""
+    marks = (fmt.prefix + "_live_").encode(), (fmt.prefix + "_test_").encode()
+    headers = ex.headers
+    for i, (name, value) in enumerate(headers):
+        if name not in CARRIERS or not any(m in value for m in marks):
+            continue
+        for m in marks:
+            start = value.find(m)
+            while start != -1:
+                candidate = value[start : start + fmt.length]
+                if fmt.env_of(candidate) is not None:
+                    value = value[:start] + REDACTED + value[start + fmt.length :]
+                start = value.find(m, start + 1)
+        headers[i] = (name, value)
+
+
 def _invalid() -> GatewayError:
     return GatewayError("invalid_api_key", "the API key is not valid")
 
@@ -210,6 +228,8 @@ class AuthStage:
             found = self._from_query(ex, found)
         if found is not None and (carriers or query):
             _scrub(ex, found, source, carriers)
+        elif carriers:
+            _scrub_lookalikes(ex, auth.fmt)
         return found
 
     def _from_query(self, ex: Exchange, header_key: bytes | None) -> bytes | None:

@@ -1,0 +1,452 @@
+"""What the usage and observability tests share.
+
+- a config builder (in-process gateways and `gateway run` subprocesses use the same data);
+- a raw HTTP/1.1 client, so a test controls every byte and sees every response header;
+- reading the usage records straight from SQLite or PostgreSQL (not through the gateway's code);
+- stopping and starting the throwaway PostgreSQL of scripts/test-services.sh;
+- `gateway run` as a subprocess, and parsing /metrics text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.config.schema import GatewayConfig
+from tests.helpers.net import free_port
+
+REPO = Path(__file__).resolve().parent.parent.parent
+PEPPER = "pepper-for-the-usage-tests-0123456789"
+ADMIN_TOKEN = "admin-token-for-the-usage-tests-0123456789"
+START_TIMEOUT = 30.0
+
+
+# --- config ----------------------------------------------------------------------------------------
+
+
+def default_routes(up: str) -> list[dict[str, Any]]:
+    return [
+        {"name": "orders", "path": "/orders", "upstream": up,
+         "scopes": {"GET": ["orders:read"], "POST": ["orders:write"]}},
+        {"name": "reports", "path": "/reports", "upstream": up, "scopes": ["reports:read"]},
+        {"name": "small", "path": "/small", "upstream": up, "max_body": 16},
+        {"name": "warn", "path": "/warn", "upstream": up, "query_key_policy": "warn"},
+        {"name": "open", "path": "/open", "upstream": up, "auth": "none"},
+        # nothing listens on port 9 of loopback: 502 upstream_unavailable
+        {"name": "down", "path": "/down", "upstream": "http://127.0.0.1:9", "auth": "none"},
+    ]
+
+
+def config_data(store_url: str, up: str, routes: list[dict[str, Any]] | None = None,
+                usage: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "admin": {"listen": "127.0.0.1:0", "token": ADMIN_TOKEN},
+        "store": store_url,
+        "keys": {"pepper": PEPPER},
+        # many refusals per test: neither the brute-force throttle nor the detector may get in the way
+        "auth": {"max_failures": 1_000_000},
+        "anomalies": {"enabled": False},
+        "usage": {"flush_interval": "200ms", **(usage or {})},
+        "routes": routes if routes is not None else default_routes(up),
+    }
+    data.update(top)
+    return data
+
+
+def validate(data: dict[str, Any]) -> GatewayConfig:
+    return GatewayConfig.model_validate(data)
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def sqlite_file(store_url: str) -> str | None:
+    return store_url[len("sqlite:///"):] if store_url.startswith("sqlite:///") else None
+
+
+# --- raw HTTP --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Resp:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        for n, v in self.headers:
+            if n.lower() == name.lower():
+                return v
+        return None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def code(self) -> str | None:
+        if self.header("content-type") != "application/problem+json":
+            return None
+        return str(self.json().get("code"))
+
+    @property
+    def request_id(self) -> str:
+        rid = self.header("x-request-id")
+        assert rid, self.headers
+        return rid
+
+
+def request_bytes(method: str, target: str, headers: list[tuple[str, str]] | None = None,
+                  body: bytes = b"") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: gateway.test"]
+    lines += [f"{n}: {v}" for n, v in headers or []]
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class Conn:
+    """One keep-alive client connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int) -> Conn:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def read_response(self, timeout: float = 10.0, head_only: bool = False) -> Resp:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
+        lines = head[:-4].decode("latin-1").split("\r\n")
+        headers = [(n, v.strip()) for n, _, v in (line.partition(":") for line in lines[1:])]
+        resp = Resp(int(lines[0].split(" ")[1]), headers)
+        if head_only or resp.status in (204, 304):
+            return resp
+        length = resp.header("content-length")
+        if length is not None:
+            resp.body = await asyncio.wait_for(self.reader.readexactly(int(length)), timeout)
+        elif (resp.header("transfer-encoding") or "").lower() == "chunked":
+            while True:
+                size = int((await asyncio.wait_for(self.reader.readuntil(b"\r\n"), timeout)).strip(), 16)
+                chunk = await asyncio.wait_for(self.reader.readexactly(size + 2), timeout)
+                if size == 0:
+                    break
+                resp.body += chunk[:-2]
+        return resp
+
+    async def send(self, raw: bytes) -> Resp:
+        self.writer.write(raw)
+        await self.writer.drain()
+        return await self.read_response(head_only=raw.startswith(b"HEAD "))
+
+    async def request(self, method: str, target: str, headers: list[tuple[str, str]] | None = None,
+                      body: bytes = b"") -> Resp:
+        return await self.send(request_bytes(method, target, headers, body))
+
+    async def many(self, raws: list[bytes]) -> list[Resp]:
+        """Pipeline the requests, then read one response each."""
+        self.writer.write(b"".join(raws))
+        await self.writer.drain()
+        return [await self.read_response() for _ in raws]
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except ConnectionError:
+            pass
+
+
+async def call(port: int, method: str, target: str, headers: list[tuple[str, str]] | None = None,
+               body: bytes = b"") -> Resp:
+    """One request on a fresh connection."""
+    conn = await Conn.open(port)
+    try:
+        return await conn.request(method, target, headers, body)
+    finally:
+        await conn.close()
+
+
+async def call_raw(port: int, raw: bytes) -> Resp:
+    conn = await Conn.open(port)
+    try:
+        return await conn.send(raw)
+    finally:
+        await conn.close()
+
+
+def bearer(key: str) -> list[tuple[str, str]]:
+    return [("Authorization", f"Bearer {key}")]
+
+
+def admin(token: str = ADMIN_TOKEN) -> list[tuple[str, str]]:
+    return [("Authorization", f"Bearer {token}")]
+
+
+# --- reading the usage records from the store itself ------------------------------------------------
+
+COLUMNS = ("request_id", "at", "key_id", "owner", "env", "route", "method", "status", "upstream_status",
+           "latency_ms", "upstream_ms", "bytes_in", "bytes_out", "client_ip", "error_code")
+
+
+def _pg_connect_args(store_url: str) -> tuple[str, dict[str, str]]:
+    """asyncpg takes `?search_path=` as a server setting; pass it explicitly to be sure."""
+    parts = urlsplit(store_url)
+    settings = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    return parts._replace(query="").geturl(), settings
+
+
+async def pg_connect(store_url: str) -> Any:
+    dsn, settings = _pg_connect_args(store_url)
+    return await asyncpg.connect(dsn, timeout=10, server_settings=settings)
+
+
+def _sqlite_rows(path: str) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(path, timeout=10)
+    try:
+        cur = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM usage_records")
+        out = []
+        for row in cur.fetchall():
+            d = dict(zip(COLUMNS, row, strict=True))
+            d["at"] = datetime.fromisoformat(d["at"].replace("Z", "+00:00")).timestamp()
+            out.append(d)
+        return out
+    finally:
+        conn.close()
+
+
+async def usage_rows(store_url: str) -> list[dict[str, Any]]:
+    """Every raw usage record, read with plain SQL; `at` as epoch seconds."""
+    path = sqlite_file(store_url)
+    if path is not None:
+        return await asyncio.to_thread(_sqlite_rows, path)
+    conn = await pg_connect(store_url)
+    try:
+        rows = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM usage_records")
+    finally:
+        await conn.close()
+    out = []
+    for r in rows:
+        d = dict(r)
+        d["at"] = d["at"].timestamp()
+        out.append(d)
+    return out
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, every: float = 0.05,
+                   what: str = "condition") -> Any:
+    """Poll an (async or plain) predicate until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = predicate()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+        await asyncio.sleep(every)
+
+
+async def wait_rows(store_url: str, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Wait until exactly n records are stored (fail on more), return them."""
+    seen: list[dict[str, Any]] = []
+
+    async def enough() -> bool:
+        nonlocal seen
+        seen = await usage_rows(store_url)
+        assert len(seen) <= n, f"{len(seen)} usage records, expected {n}"
+        return len(seen) == n
+
+    await wait_for(enough, timeout, 0.05, f"{n} usage records")
+    return seen
+
+
+# --- the throwaway PostgreSQL of scripts/test-services.sh ------------------------------------------
+
+
+class Postgres:
+    """Stop and start the test PostgreSQL with the variables scripts/test-services.sh exports."""
+
+    def __init__(self) -> None:
+        env = os.environ
+        names = ("GATEWAY_TEST_PG_BIN", "GATEWAY_TEST_PG_DATA", "GATEWAY_TEST_PG_LOG", "GATEWAY_TEST_PG_OS_USER")
+        missing = [n for n in names if not env.get(n)]
+        if missing:
+            msg = f"{', '.join(missing)} not set: run through `make test` to stop and start PostgreSQL"
+            if env.get("GATEWAY_TEST_SERVICES") == "1":
+                pytest.fail(msg, pytrace=False)
+            pytest.skip(msg)
+        self.bin = env["GATEWAY_TEST_PG_BIN"]
+        self.data = env["GATEWAY_TEST_PG_DATA"]
+        self.log = env["GATEWAY_TEST_PG_LOG"]
+        self.user = env["GATEWAY_TEST_PG_OS_USER"]
+
+    def _ctl(self, *args: str) -> None:
+        argv = [f"{self.bin}/pg_ctl", "-D", self.data, *args]
+        if os.geteuid() == 0 and self.user != "root":
+            argv = ["runuser", "-u", self.user, "--", *argv]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/", check=False)
+        assert p.returncode == 0, f"pg_ctl {' '.join(args)} failed: {p.stdout}{p.stderr}"
+
+    def running(self) -> bool:
+        return Path(self.data, "postmaster.pid").exists()
+
+    def stop(self) -> None:
+        self._ctl("-m", "fast", "-w", "-t", "30", "stop")
+
+    def start(self) -> None:
+        if not self.running():
+            self._ctl("-l", self.log, "-w", "-t", "60", "start")
+
+    async def astop(self) -> None:
+        await asyncio.to_thread(self.stop)
+
+    async def astart(self) -> None:
+        await asyncio.to_thread(self.start)
+
+
+# --- /metrics --------------------------------------------------------------------------------------
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse_metrics(text: str) -> Samples:
+    """{(sample name, sorted labels): value} of a Prometheus text exposition."""
+    out: Samples = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
+
+
+def label_values(samples: Samples, name: str, label: str) -> set[str]:
+    return {dict(lab)[label] for (n, lab), _ in samples.items() if n == name and label in dict(lab)}
+
+
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    """A blocking GET returning (status, body) for every status; OSError when unreachable."""
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+# --- `gateway run` as a subprocess -----------------------------------------------------------------
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+class GatewayProcess:
+    """`python -m gateway run -c FILE [--workers N]` on free loopback ports; stdout and stderr to files."""
+
+    def __init__(self, workdir: Path, data: dict[str, Any], *, workers: int | None = None,
+                 log_level: str = "INFO", name: str = "gateway") -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        data = {**data, "listen": f"127.0.0.1:{self.port}",
+                "admin": {**data.get("admin", {}), "listen": f"127.0.0.1:{self.admin_port}"}}
+        self.config_path = write_config(workdir / f"{name}-{self.port}.yaml", data)
+        self.stdout_path = workdir / f"{name}-{self.port}.stdout"
+        self.stderr_path = workdir / f"{name}-{self.port}.stderr"
+        argv = [sys.executable, "-m", "gateway", "run", "-c", str(self.config_path), "--log-level", log_level]
+        if workers is not None:
+            argv += ["--workers", str(workers)]
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(argv, cwd=workdir, env=cli_env(), stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=err)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> GatewayProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the gateway exited with {self.proc.returncode}:\n{self.stderr()[-3000:]}")
+            try:
+                if http_get(self.admin_url + "/readyz", timeout=1)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"the gateway did not become ready:\n{self.stderr()[-3000:]}")
+
+    def metrics(self) -> str:
+        status, body = http_get(self.admin_url + "/metrics")
+        assert status == 200, status
+        return body.decode()
+
+    def dropped(self) -> float:
+        return total(parse_metrics(self.metrics()), "gateway_usage_dropped_total")
+
+    def stop_checked(self) -> int:
+        """SIGTERM, after checking that the gateway dropped no usage record; the exit code."""
+        if self.proc.poll() is None:
+            assert self.dropped() == 0
+        return self.stop()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+async def cli(config: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """`python -m gateway -c CONFIG ARGS…` without blocking the test's loop."""
+    argv = [sys.executable, "-m", "gateway", "-c", str(config), *args]
+    return await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, text=True, timeout=timeout, env=cli_env(),
+        cwd=config.parent, check=False,
+    )
