@@ -10,6 +10,8 @@ detector) over a real SQLite store, then a loop-lag probe while 200,000 records 
 from __future__ import annotations
 
 import asyncio
+import gc
+import sys
 import tempfile
 import time
 
@@ -68,13 +70,17 @@ async def measure() -> dict[str, float]:
                 for ex in exchanges:
                     observe(ex)
                 results[label] = (time.process_time() - start) / N * 1e6
-            # Loop stalls while the writer drains what was queued.
+            # Loop stalls while the writer drains what was queued. The 400,000 exchanges built above
+            # are the benchmark's, not the gateway's: frozen, so the cyclic GC does not rescan them.
+            del exchanges
+            gc.collect()
+            gc.freeze()
             lags = []
             deadline = time.monotonic() + 30
             while (services.usage.queue or not lags) and time.monotonic() < deadline:
-                t0 = loop.time()
+                t0 = time.perf_counter()  # uvloop's own clock moves in whole milliseconds
                 await asyncio.sleep(0.001)
-                lags.append(loop.time() - t0 - 0.001)
+                lags.append(time.perf_counter() - t0 - 0.001)
             lags.sort()
             results["loop stall p99 ms"] = lags[int(len(lags) * 0.99)] * 1000
             results["longest loop stall ms"] = lags[-1] * 1000
@@ -86,6 +92,13 @@ async def measure() -> dict[str, float]:
 
 
 def main() -> None:
+    sys.setswitchinterval(0.001)  # as `gateway run` sets it
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
     for label, value in asyncio.run(measure()).items():
         unit = "" if "ms" in label or "left" in label else " CPU-µs per request"
         print(f"{label:<28} {value:8.2f}{unit}")
