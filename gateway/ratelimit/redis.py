@@ -90,24 +90,31 @@ class RedisLimiter(Limiter):
             parts.append(enc)
         return b"".join(parts)
 
+    @staticmethod
+    async def _exchange(conn: Any, blob: bytes, count: int, results: list[Any]) -> None:
+        await conn.send_packed_command(blob, check_health=False)
+        for _ in range(count):
+            try:
+                results.append(await conn.read_response())
+            except ResponseError as e:  # one command's error: the stream stays in step
+                results.append(e)
+
     async def _send(self, batch: list[tuple[Counters, int, asyncio.Future[Decision]]]) -> list[Any]:
         blob = b"".join([self._encode(counters, cost) for counters, cost, _ in batch])
         self.round_trips += 1
         pool = self.redis.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            try:
-                await conn.send_packed_command(blob, check_health=False)
-            except RedisConnectionError:
-                # A pooled connection that a restarted Redis closed: reconnect and send again, once.
-                await conn.disconnect()
-                await conn.send_packed_command(blob, check_health=False)
             results: list[Any] = []
-            for _ in batch:
-                try:
-                    results.append(await conn.read_response())
-                except ResponseError as e:  # one command's error: the stream stays in step
-                    results.append(e)
+            try:
+                await self._exchange(conn, blob, len(batch), results)
+            except RedisConnectionError:
+                if results:
+                    raise  # replies were read: the commands ran; sending them again would count twice
+                # A pooled connection that a restarted Redis closed fails on the write or on the first
+                # read, before any reply: send the batch again, once, on a new connection.
+                await conn.disconnect()
+                await self._exchange(conn, blob, len(batch), results)
         except BaseException:
             await conn.disconnect()  # replies may still be in flight: this connection is out of step
             raise
