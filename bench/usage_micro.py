@@ -52,11 +52,11 @@ async def measure() -> dict[str, float]:
             for label, anomalies in (("metrics+usage", None), ("metrics+usage+anomalies", services.anomalies)):
                 assert services.usage is not None
                 observe = Telemetry(
-                    services.clock, services.request_metrics, services.usage, None, loop.time, anomalies
+                    services.clock, services.request_metrics, services.usage, None, anomalies
                 )
                 exchanges = []
                 for i in range(N):
-                    ex = Exchange(loop.time())
+                    ex = Exchange(loop.time(), time.perf_counter())
                     ex.method = "GET"
                     ex.route = route
                     ex.status = 200

@@ -102,7 +102,6 @@ class ProxyServer:
                     services.request_metrics,
                     services.usage,
                     services.access_log,
-                    loop.time,
                     services.anomalies,
                 )
             )

@@ -22,6 +22,7 @@ from gateway.anomalies import AnomalyDetector
 from gateway.clock import Clock
 from gateway.http.exchange import Exchange
 from gateway.usage.record import UsageRecord
+from gateway.usage.writer import UsageWriter
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
@@ -111,17 +112,15 @@ class Telemetry:
         self,
         clock: Clock,
         metrics: RequestMetrics,
-        usage: object | None,
+        usage: UsageWriter | None,
         access_log: AccessLog | None,
-        loop_time: object,
         anomalies: AnomalyDetector | None = None,
     ) -> None:
         self.anomalies = anomalies
         self.clock = clock
         self.metrics = metrics
-        self.put = getattr(usage, "put", None)
+        self.put = usage.put if usage is not None else None
         self.access_log = access_log
-        self.loop_time = loop_time
 
     def __call__(self, ex: Exchange) -> None:
         end = perf_counter()
