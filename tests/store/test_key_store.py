@@ -84,8 +84,12 @@ async def test_concurrent_opens_apply_each_migration_once(new_store: StoreFactor
     names = [m.name for m in list_migrations(backend)]
     stores = [new_store() for _ in range(4)]
     await asyncio.gather(*(s.open() for s in stores))
-    applied = sorted((s.migrations_applied for s in stores), key=len)  # type: ignore[attr-defined]
-    assert applied == [[], [], [], names]
+    # Each migration runs in its own transaction, so two stores may share the work; what matters is
+    # that every migration was applied exactly once, in order within each store.
+    applied = [s.migrations_applied for s in stores]  # type: ignore[attr-defined]
+    assert sorted(name for names_of_one in applied for name in names_of_one) == names
+    for names_of_one in applied:
+        assert names_of_one == sorted(names_of_one)
 
 
 # --- keys --------------------------------------------------------------------------------------------
