@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import sqlite3
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -86,7 +87,7 @@ class SQLiteStore(SQLiteKeys, SQLiteUsage, KeyStore, UsageStore):
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
+            _wal(conn, self.busy_timeout)
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
@@ -122,6 +123,20 @@ class SQLiteStore(SQLiteKeys, SQLiteUsage, KeyStore, UsageStore):
 
 
 # --- helpers (they run on the worker thread) -------------------------------------------------------
+
+
+def _wal(conn: sqlite3.Connection, patience: float) -> None:
+    """Switch to WAL. Two processes opening a new database at once (workers starting together) can
+    both try; SQLite answers the loser "locked" at once instead of waiting, so it tries again."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _create_private_file(path: str) -> None:
