@@ -175,7 +175,8 @@ async def test_spool_files_survive_a_restart_and_are_replayed_by_the_next_proces
     ids.append((await call(gw2.port, "GET", "/open/after")).request_id)
     rows = await wait_rows(store_url, 6)
     assert sorted(r["request_id"] for r in rows) == sorted(ids)
-    assert batch_files(spool_dir) == []
+    # the file goes once the store has acknowledged its batch: just after the rows appear
+    await wait_for(lambda: batch_files(spool_dir) == [], 5, what="the replayed spool file deleted")
     assert len(before) == 1 and not any(spool_dir.glob("*.tmp"))
 
 
