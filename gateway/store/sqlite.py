@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import sqlite3
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
