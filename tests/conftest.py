@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,8 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 from tests.helpers.net import free_port  # noqa: E402
+from tests.helpers.stores import private_pg_schema  # noqa: E402
+from tests.helpers.upstream import RecordingUpstream  # noqa: E402
 
 HTTPBIN_START_TIMEOUT = 30.0
 
@@ -103,3 +105,39 @@ def httpbin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         _stop(proc)
+
+
+# --- stores and upstreams shared by the suites -------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Run the test once on the embedded store and once on PostgreSQL."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def store_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """The URL of an empty store of the backend under test; several stores may open it."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'gateway.db'}"
+        return
+    async with private_pg_schema(request.getfixturevalue("pg_url")) as url:
+        yield url
+
+
+@pytest.fixture
+async def pg_store_url(pg_url: str) -> AsyncIterator[str]:
+    """An empty PostgreSQL store (for the tests that only make sense there)."""
+    async with private_pg_schema(pg_url) as url:
+        yield url
+
+
+@pytest.fixture
+async def up() -> AsyncIterator[RecordingUpstream]:
+    """A recording upstream (tests/helpers/upstream.py) answering 200 "ok"."""
+    upstream = await RecordingUpstream().start()
+    try:
+        yield upstream
+    finally:
+        await upstream.close()

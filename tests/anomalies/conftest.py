@@ -21,15 +21,6 @@ Start = Callable[..., Awaitable[RunningGateway]]
 
 
 @pytest.fixture
-async def up() -> AsyncIterator[RecordingUpstream]:
-    upstream = await RecordingUpstream().start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
-
-
-@pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()  # 1_800_000_000: a multiple of the 60 s window
 

@@ -8,12 +8,10 @@ empty tables without disturbing other tests using the same database.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from gateway.clock import FakeClock
@@ -25,47 +23,12 @@ from .support import config_data, validate, write_config
 Start = Callable[..., Awaitable[RunningGateway]]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-def with_search_path(url: str, schema: str) -> str:
-    return f"{url}{'&' if '?' in url else '?'}search_path={schema}"
-
-
-@pytest.fixture
-async def store_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """The URL of an empty store of the backend under test."""
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'keys.db'}"
-        return
-    pg_url: str = request.getfixturevalue("pg_url")
-    schema = f"k_{uuid.uuid4().hex}"
-    admin = await asyncpg.connect(pg_url, timeout=10)
-    try:
-        await admin.execute(f'CREATE SCHEMA "{schema}"')
-        yield with_search_path(pg_url, schema)
-    finally:
-        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await admin.close()
-
-
 @pytest.fixture
 def pg_schema(store_url: str) -> str | None:
     """The PostgreSQL schema of the test's store, or None on SQLite."""
     if "search_path=" not in store_url:
         return None
     return store_url.rsplit("search_path=", 1)[1]
-
-
-@pytest.fixture
-async def up() -> AsyncIterator[RecordingUpstream]:
-    upstream = await RecordingUpstream().start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
 
 
 @pytest.fixture

@@ -9,18 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.upstream import RecordingUpstream
-
 from .wire import Harness, start
-
-
-@pytest.fixture
-async def up() -> AsyncIterator[RecordingUpstream]:
-    upstream = await RecordingUpstream().start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
 
 
 @pytest.fixture

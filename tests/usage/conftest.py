@@ -9,12 +9,10 @@ configures `on_spool_full: drop` and fills the spool may lose records (it says s
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from gateway.clock import Clock
@@ -23,66 +21,6 @@ from tests.helpers.upstream import RecordingUpstream
 from tests.usage.support import config_data, validate
 
 Start = Callable[..., Awaitable[RunningGateway]]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-def with_search_path(url: str, schema: str) -> str:
-    return f"{url}{'&' if '?' in url else '?'}search_path={schema}"
-
-
-async def _pg_schema(pg_url: str) -> tuple[str, str]:
-    schema = f"u_{uuid.uuid4().hex}"
-    conn = await asyncpg.connect(pg_url, timeout=10)
-    try:
-        await conn.execute(f'CREATE SCHEMA "{schema}"')
-    finally:
-        await conn.close()
-    return schema, with_search_path(pg_url, schema)
-
-
-async def _drop_schema(pg_url: str, schema: str) -> None:
-    conn = await asyncpg.connect(pg_url, timeout=30)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-async def store_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """The URL of an empty store of the backend under test."""
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'gateway.db'}"
-        return
-    pg_url: str = request.getfixturevalue("pg_url")
-    schema, url = await _pg_schema(pg_url)
-    try:
-        yield url
-    finally:
-        await _drop_schema(pg_url, schema)
-
-
-@pytest.fixture
-async def pg_store_url(pg_url: str) -> AsyncIterator[str]:
-    """An empty PostgreSQL store (for the tests that only make sense there)."""
-    schema, url = await _pg_schema(pg_url)
-    try:
-        yield url
-    finally:
-        await _drop_schema(pg_url, schema)
-
-
-@pytest.fixture
-async def up() -> AsyncIterator[RecordingUpstream]:
-    upstream = await RecordingUpstream().start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
 
 
 @pytest.fixture
