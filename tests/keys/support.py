@@ -21,6 +21,8 @@ import yaml
 from gateway.config.schema import GatewayConfig
 from gateway.keys.model import KeyRecord
 from tests.helpers.gateway import RunningGateway
+from tests.helpers.raw_http import Conn, Resp, request_bytes  # noqa: F401 - the suite imports them from here
+from tests.helpers.raw_http import call as raw_call
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PEPPER = "pepper-for-the-key-tests-0123456789"
@@ -100,106 +102,10 @@ async def cli(config: Path, *args: str, timeout: float = 30.0) -> Run:
 # --- raw HTTP --------------------------------------------------------------------------------------
 
 
-@dataclass
-class Resp:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes = b""
-    head: bytes = b""
-
-    def header(self, name: str) -> str | None:
-        for n, v in self.headers:
-            if n.lower() == name.lower():
-                return v
-        return None
-
-    def all(self, name: str) -> list[str]:
-        return [v for n, v in self.headers if n.lower() == name.lower()]
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def code(self) -> str | None:
-        if self.header("content-type") != "application/problem+json":
-            return None
-        return str(self.json().get("code"))
-
-
-def request_bytes(method: str, target: str, headers: list[tuple[str, str]] | None = None,
-                  body: bytes = b"") -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: gateway.test"]
-    lines += [f"{n}: {v}" for n, v in headers or []]
-    if body or method in ("POST", "PUT", "PATCH"):
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-class Conn:
-    """One keep-alive connection; requests may be pipelined with `many`."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, port: int, host: str = "127.0.0.1") -> Conn:
-        reader, writer = await asyncio.open_connection(host, port)
-        return cls(reader, writer)
-
-    async def read_response(self, head_only: bool = False, timeout: float = 10.0) -> Resp:
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
-        lines = head[:-4].decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers.append((name, value.strip()))
-        resp = Resp(status, headers, head=head)
-        length = resp.header("content-length")
-        if head_only or status in (204, 304):
-            return resp
-        if length is not None:
-            resp.body = await asyncio.wait_for(self.reader.readexactly(int(length)), timeout)
-        elif (resp.header("transfer-encoding") or "").lower() == "chunked":
-            body = b""
-            while True:
-                size = int((await asyncio.wait_for(self.reader.readuntil(b"\r\n"), timeout)).strip(), 16)
-                chunk = await asyncio.wait_for(self.reader.readexactly(size + 2), timeout)
-                if size == 0:
-                    break
-                body += chunk[:-2]
-            resp.body = body
-        return resp
-
-    async def request(self, method: str, target: str, headers: list[tuple[str, str]] | None = None,
-                      body: bytes = b"") -> Resp:
-        self.writer.write(request_bytes(method, target, headers, body))
-        await self.writer.drain()
-        return await self.read_response(head_only=method.upper() == "HEAD")
-
-    async def many(self, requests: list[bytes]) -> list[Resp]:
-        """Pipeline the raw requests, then read one response for each."""
-        self.writer.write(b"".join(requests))
-        await self.writer.drain()
-        return [await self.read_response() for _ in requests]
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except ConnectionError:
-            pass
-
-
 async def call(gw: RunningGateway, method: str, target: str, headers: list[tuple[str, str]] | None = None,
                body: bytes = b"") -> Resp:
     """One request on a fresh connection."""
-    conn = await Conn.open(gw.port)
-    try:
-        return await conn.request(method, target, headers, body)
-    finally:
-        await conn.close()
+    return await raw_call(gw.port, method, target, headers, body)
 
 
 def bearer(key: str) -> list[tuple[str, str]]:

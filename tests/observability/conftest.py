@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.usage.conftest import spool_dir, start, up  # noqa: F401 - fixtures shared with the usage tests
+from tests.usage.conftest import spool_dir, start  # noqa: F401 - fixtures shared with the usage tests
 
 
 @pytest.fixture
