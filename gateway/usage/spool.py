@@ -67,7 +67,8 @@ class Spool:
     def remove(self, path: Path) -> None:
         try:
             size = path.stat().st_size
-            path.unlink()
         except FileNotFoundError:
             return
+        # Counted out before the file goes, so nobody sees an empty spool with bytes still in it.
         self.size = max(0, self.size - size)
+        path.unlink(missing_ok=True)
