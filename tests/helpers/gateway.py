@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from typing import Any
 
 from aiohttp import web
@@ -10,6 +11,7 @@ from aiohttp import web
 from gateway.admin.app import build_admin_app
 from gateway.clock import Clock
 from gateway.config.schema import GatewayConfig
+from gateway.keys.peppers import sqlite_path
 from gateway.proxy import ProxyServer
 from gateway.services import Services
 
@@ -92,6 +94,10 @@ class RunningGateway(RunningProxy):
 
 async def start_gateway(config: GatewayConfig, clock: Clock | None = None) -> RunningGateway:
     """Open the store named by `config.store` (migrating it) and serve proxy and admin on free ports."""
+    if not config.usage.spool_dir and sqlite_path(config.store) is None:
+        # The default spool of a non-file store is ./usage-spool: keep tests out of the working tree.
+        spool = tempfile.mkdtemp(prefix="gateway-test-spool-")
+        config = config.model_copy(update={"usage": config.usage.model_copy(update={"spool_dir": spool})})
     services = await Services.open(config, clock=clock)
     proxy = ProxyServer(config, asyncio.get_running_loop(), services)
     await proxy.start()
