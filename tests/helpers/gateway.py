@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 from typing import Any
 
@@ -81,6 +82,7 @@ class RunningGateway(RunningProxy):
         self.services = services
         self.admin = admin
         self.admin_port = admin_port
+        self.temp_spool: str | None = None
 
     @property
     def admin_url(self) -> str:
@@ -90,10 +92,13 @@ class RunningGateway(RunningProxy):
         await self.proxy.close()
         await self.admin.cleanup()
         await self.services.close()
+        if self.temp_spool is not None:
+            shutil.rmtree(self.temp_spool, ignore_errors=True)
 
 
 async def start_gateway(config: GatewayConfig, clock: Clock | None = None) -> RunningGateway:
     """Open the store named by `config.store` (migrating it) and serve proxy and admin on free ports."""
+    spool = None
     if not config.usage.spool_dir and sqlite_path(config.store) is None:
         # The default spool of a non-file store is ./usage-spool: keep tests out of the working tree.
         spool = tempfile.mkdtemp(prefix="gateway-test-spool-")
@@ -106,4 +111,6 @@ async def start_gateway(config: GatewayConfig, clock: Clock | None = None) -> Ru
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    return RunningGateway(proxy, services, runner, port)
+    running = RunningGateway(proxy, services, runner, port)
+    running.temp_spool = spool
+    return running
