@@ -32,8 +32,7 @@ class Pipeline:
         """Check the request; return None when it may go upstream now, or an awaitable to wait on."""
         ex.request_id = uuid7()
         # The client address first: every refusal below is recorded (and throttled) with it.
-        forwarded = [v for n, v in ex.headers if n == b"x-forwarded-for"]
-        ex.client_ip, ex.xff = self.client_ip.derive(peer, forwarded)
+        ex.client_ip, ex.xff = self.client_ip.derive(peer, ex.headers)
         if ex.expect_continue == 2:
             raise GatewayError("expectation_failed", "only 'Expect: 100-continue' is supported", close=True)
         route = self._route(ex)

@@ -25,9 +25,6 @@ class Tasks:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
 
-    def __len__(self) -> int:
-        return len(self._tasks)
-
     async def cancel_all(self) -> None:
         for task in list(self._tasks):
             task.cancel()

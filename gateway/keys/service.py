@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -349,10 +348,3 @@ def parse_grace(grace: str) -> float:
     if grace in ("0", "0s", "none"):
         return 0.0
     return check_duration("grace", grace)
-
-
-def normalise_ip(text: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return text[:64]

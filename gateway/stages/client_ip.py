@@ -37,9 +37,12 @@ class ClientIP:
         ip = normalise(addr)
         return ip is not None and any(ip in net for net in self.trusted)
 
-    def derive(self, peer: str, forwarded: list[bytes]) -> tuple[str, bytes]:
+    def derive(self, peer: str, headers: list[tuple[bytes, bytes]]) -> tuple[str, bytes]:
         """Return (client ip, the X-Forwarded-For value to send upstream)."""
-        if not self.trusted or not forwarded or not self._is_trusted(peer):
+        if not self.trusted or not self._is_trusted(peer):
+            return peer, peer.encode()  # the common case: no header scan
+        forwarded = [v for n, v in headers if n == b"x-forwarded-for"]
+        if not forwarded:
             return peer, peer.encode()
         hops = [h.strip() for line in forwarded for h in line.decode("latin-1").split(",")]
         client = peer
