@@ -1,7 +1,7 @@
 """The Redis limiter (`redis://`): one Lua script per request, coalesced into one pipeline per tick.
 
 Concurrent requests in the same event-loop tick share one round trip: each `hit` queues its script
-call, and a single flush sends them all in one pipeline. The script reads Redis's TIME, so replicas'
+call, and a single flush writes them all at once on one pipelined connection (`resp.py`). The script reads Redis's TIME, so replicas'
 clocks never matter, and every key expires a little after its window.
 """
 
@@ -9,167 +9,204 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from importlib.resources import files
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+import hiredis
 
 from gateway.ratelimit.base import Counters, Limiter, LimiterUnavailable
-from gateway.ratelimit.policy import BUCKETS, Decision, Limit, Outcome
+from gateway.ratelimit.policy import BUCKETS, Decision, Outcome
+from gateway.ratelimit.resp import RespConnection, Waiter, bulk, command, connect
 
 SCRIPT = (files("gateway.ratelimit") / "limit.lua").read_text()
 LATE = 0.005  # seconds past a call's deadline that show the event loop itself was held up
+log = logging.getLogger("gateway.ratelimit")
+
+# One queued hit: counters, cost, the caller's future, and whether it was sent once already.
+Entry = tuple[Counters, int, "asyncio.Future[Decision]", bool]
+
+
+class _Batch(Waiter):
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: list[Entry], done: Any) -> None:
+        super().__init__(len(entries), done)
+        self.entries = entries
 
 
 class RedisLimiter(Limiter):
     def __init__(self, url: str, timeout: float, now_ms: int = 0) -> None:
-        # The call's deadline is kept in _flush, which cancels a late call (and the connection is
-        # dropped). No socket read timeout: redis-py would arm a timer per reply, which cost more
-        # than the rest of a decision; at the call's own length it would also fire on replies that
-        # came in while the loop was busy.
-        safety = max(1.0, 10 * timeout)
-        self.redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=None,
-            socket_connect_timeout=safety,
-            health_check_interval=0,
-            # A pooled connection that a restarted Redis closed fails on first use: reconnect and send
-            # again, at once. Only connection errors are retried, once; a slow Redis is left to the
-            # timeout and the failure policy.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
+        self.url = url
         self.sha = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
         self.timeout = timeout
         self.now_ms = now_ms  # tests only: a fixed time instead of Redis TIME
-        self._head = b"$7\r\nEVALSHA\r\n" + _bulk(self.sha)
-        self._buckets = _bulk(BUCKETS)
-        self._zero = _bulk(0)
-        self._keys: dict[str, bytes] = {}
-        self._limits: dict[Limit, bytes] = {}
-        self._queue: list[tuple[Counters, int, asyncio.Future[Decision]]] = []
+        self._load = command("SCRIPT", "LOAD", SCRIPT)
+        self._head = b"$7\r\nEVALSHA\r\n" + bulk(self.sha)
+        self._buckets = bulk(BUCKETS)
+        self._blobs: dict[int, tuple[Counters, bytes]] = {}
+        self._queue: list[Entry] = []
         self._flush_scheduled = False
+        self._conn: RespConnection | None = None
+        self._connecting = False
+        self._reload = False
+        self._closed = False
         self.round_trips = 0
 
     def hit(self, counters: Counters, cost: int = 1) -> asyncio.Future[Decision]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Decision] = loop.create_future()
-        self._queue.append((counters, cost, fut))
+        self._queue.append((counters, cost, fut, False))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop.call_soon(self._start_flush)
+            loop.call_soon(self._flush)
         return fut
 
-    def _start_flush(self) -> None:
+    def _flush(self) -> None:
         self._flush_scheduled = False
-        batch, self._queue = self._queue, []
-        task = asyncio.get_running_loop().create_task(self._flush(batch))
-        task.add_done_callback(_consume)
-
-    def _encode(self, counters: Counters, cost: int) -> bytes:
-        """One EVALSHA in RESP, from cached pieces: redis-py's general command packing cost more
-        than the rest of a decision (bench/limiter_micro.py)."""
-        keys = self._keys
-        limits = self._limits
-        parts = [b"*%d\r\n" % (6 + 4 * len(counters)), self._head, _bulk(len(counters))]
-        for key, _ in counters:
-            enc = keys.get(key)
-            if enc is None:
-                if len(keys) > 100_000:
-                    keys.clear()
-                enc = keys[key] = _bulk(key)
-            parts.append(enc)
-        parts += (self._buckets, _bulk(cost), _bulk(self.now_ms) if self.now_ms else self._zero)
-        for _, limit in counters:
-            enc = limits.get(limit)
-            if enc is None:
-                enc = limits[limit] = _bulk(limit.count) + _bulk(limit.period) + _bulk(limit.width_ms)
-            parts.append(enc)
-        return b"".join(parts)
-
-    @staticmethod
-    async def _exchange(conn: Any, blob: bytes, count: int, results: list[Any]) -> None:
-        await conn.send_packed_command(blob, check_health=False)
-        for _ in range(count):
-            try:
-                results.append(await conn.read_response())
-            except ResponseError as e:  # one command's error: the stream stays in step
-                results.append(e)
-
-    async def _send(self, batch: list[tuple[Counters, int, asyncio.Future[Decision]]]) -> list[Any]:
-        blob = b"".join([self._encode(counters, cost) for counters, cost, _ in batch])
-        self.round_trips += 1
-        pool = self.redis.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            results: list[Any] = []
-            try:
-                await self._exchange(conn, blob, len(batch), results)
-            except RedisConnectionError:
-                if results:
-                    raise  # replies were read: the commands ran; sending them again would count twice
-                # A pooled connection that a restarted Redis closed fails on the write or on the first
-                # read, before any reply: send the batch again, once, on a new connection.
-                await conn.disconnect()
-                await self._exchange(conn, blob, len(batch), results)
-        except BaseException:
-            await conn.disconnect()  # replies may still be in flight: this connection is out of step
-            raise
-        finally:
-            await pool.release(conn)
-        if any(isinstance(r, NoScriptError) for r in results):
-            # A restarted or new Redis has no scripts: load it once and send the batch again.
-            await self.redis.script_load(SCRIPT)
-            return await self._send(batch)
-        return results
-
-    async def _flush(self, batch: list[tuple[Counters, int, asyncio.Future[Decision]]]) -> None:
-        loop = asyncio.get_running_loop()
-        send = loop.create_task(self._send(batch))
-        try:
-            deadline = loop.time() + self.timeout
-            done, _ = await asyncio.wait((send,), timeout=self.timeout)
-            if not done and loop.time() - deadline > LATE:
-                # This loop woke up late: it was busy elsewhere (or starved of CPU) while the reply
-                # may have come in time. That time was not Redis's: one more timeout from now.
-                done, _ = await asyncio.wait((send,), timeout=self.timeout)
-            if not done:
-                send.cancel()
-                raise TimeoutError
-            results = send.result()
-        except (RedisError, OSError, TimeoutError) as e:
-            err = LimiterUnavailable(f"redis: {type(e).__name__}")
-            for _, _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(err)
+        if not self._queue:
             return
-        for (counters, _, fut), result in zip(batch, results, strict=True):
+        conn = self._conn
+        if conn is None or not conn.open:
+            if not self._connecting:  # the queue goes out once connected
+                self._connecting = True
+                asyncio.get_running_loop().create_task(self._connect()).add_done_callback(_consume)
+            return
+        batch, self._queue = self._queue, []
+        self._send(conn, batch)
+
+    async def _connect(self) -> None:
+        try:
+            conn, first = await connect(self.url, self.timeout)
+        except (OSError, TimeoutError) as e:
+            self._fail(self._queue, LimiterUnavailable(f"redis: {type(e).__name__}"))
+            self._queue = []
+            return
+        finally:
+            self._connecting = False
+        if self._closed:
+            conn.close()
+            return
+        # Sent ahead of the first batch, unawaited: Redis runs a connection's commands in order. A new
+        # connection may be to a restarted Redis, which has no scripts.
+        prelude = [*first, self._load]
+        conn.send(b"".join(prelude), Waiter(len(prelude), self._prelude_done))
+        self._reload = False
+        self._conn = conn
+        self._flush()
+
+    def _send(self, conn: RespConnection, entries: list[Entry]) -> None:
+        if self._reload:
+            self._reload = False
+            conn.send(self._load, Waiter(1, self._prelude_done))
+        blob = b"".join([self._encode(counters, cost) for counters, cost, _, _ in entries])
+        batch = _Batch(entries, self._done)
+        self.round_trips += 1
+        conn.send(blob, batch)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        batch.timer = loop.call_at(deadline, self._expired, conn, batch, deadline)
+
+    def _expired(self, conn: RespConnection, batch: _Batch, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        if batch.timer is not None and loop.time() - deadline > LATE:
+            # This loop woke up late: it was busy elsewhere (or starved of CPU) while the reply may
+            # have come in time. That time was not Redis's: one more timeout from now.
+            batch.timer = None
+            loop.call_later(self.timeout, self._expired, conn, batch, deadline)
+            return
+        if batch in conn.pending:
+            conn.abort(TimeoutError())  # every batch still due on it fails: the stream is out of step
+
+    def _done(self, batch: _Batch, err: BaseException | None) -> None:
+        if batch.timer is not None:
+            batch.timer.cancel()
+        if err is not None:
+            self._lost(batch, err)
+            return
+        again: list[Entry] = []
+        for entry, reply in zip(batch.entries, batch.replies, strict=True):
+            counters, cost, fut, sent_before = entry
             if fut.done():
                 continue
-            if isinstance(result, Exception):
-                fut.set_exception(LimiterUnavailable(f"redis: {type(result).__name__}"))
+            if isinstance(reply, hiredis.ReplyError):
+                if str(reply).startswith("NOSCRIPT") and not sent_before:
+                    again.append((counters, cost, fut, True))  # SCRIPT FLUSH on the server: load, resend
+                    continue
+                fut.set_exception(LimiterUnavailable(f"redis: {str(reply).split(' ', 1)[0]}"))
                 continue
-            fut.set_result(_decision(counters, result))
+            fut.set_result(_decision(counters, reply))
+        if again:
+            self._reload = True
+            self._requeue(again)
+
+    def _lost(self, batch: _Batch, err: BaseException) -> None:
+        """A connection that a restarted Redis closed fails on first use, before any reply: send the
+        batch again, once, on a new connection. Not when a reply came (the commands ran: they would
+        count twice) nor after a timeout (a slow Redis may still run them): the policy applies."""
+        if batch.replies or isinstance(err, TimeoutError) or self._closed:
+            self._fail([e for e in batch.entries], LimiterUnavailable(f"redis: {type(err).__name__}"))
+            return
+        fresh = [(c, cost, fut, True) for c, cost, fut, sent_before in batch.entries if not sent_before]
+        self._fail([e for e in batch.entries if e[3]], LimiterUnavailable(f"redis: {type(err).__name__}"))
+        if fresh:
+            self._requeue(fresh)
+
+    def _requeue(self, entries: list[Entry]) -> None:
+        self._queue[:0] = entries
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _prelude_done(self, waiter: Waiter, err: BaseException | None) -> None:
+        errors = [str(r) for r in waiter.replies if isinstance(r, hiredis.ReplyError)]
+        if errors:  # the batches behind it fail on their own replies (NOAUTH, NOSCRIPT)
+            log.error("redis refused the connection set-up: %s", "; ".join(errors))
+
+    @staticmethod
+    def _fail(entries: list[Entry], err: LimiterUnavailable) -> None:
+        for _, _, fut, _ in entries:
+            if not fut.done():
+                fut.set_exception(err)
+
+    def _encode(self, counters: Counters, cost: int) -> bytes:
+        """One EVALSHA in RESP. A request's counters are one list per key and route (the stage's plan),
+        so in production (cost 1, Redis TIME) its command is encoded once and reused: encoding it
+        each time cost more than the rest of a decision (bench/limiter_micro.py)."""
+        if cost != 1 or self.now_ms:
+            return self._build(counters, cost)
+        cached = self._blobs.get(id(counters))
+        if cached is not None and cached[0] is counters:  # the reference held keeps the id unique
+            return cached[1]
+        blob = self._build(counters, cost)
+        if len(self._blobs) >= 100_000:
+            self._blobs.clear()
+        self._blobs[id(counters)] = (counters, blob)
+        return blob
+
+    def _build(self, counters: Counters, cost: int) -> bytes:
+        parts = [b"*%d\r\n" % (6 + 4 * len(counters)), self._head, bulk(len(counters))]
+        parts += [bulk(key) for key, _ in counters]
+        parts += (self._buckets, bulk(cost), bulk(self.now_ms))
+        parts += [bulk(lim.count) + bulk(lim.period) + bulk(lim.width_ms) for _, lim in counters]
+        return b"".join(parts)
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        self._closed = True
+        if self._conn is not None:
+            self._conn.close()
+        self._fail(self._queue, LimiterUnavailable("redis: limiter closed"))
+        self._queue = []
 
 
 def _decision(counters: Counters, result: list[int]) -> Decision:
-    allowed = result[0] == 1
+    """The script's reply: allowed, then remaining, reset and retry (ms) per counter."""
     outcomes = []
-    for i, (_, limit) in enumerate(counters):
-        remaining, reset, retry = result[2 + i * 3 : 5 + i * 3]
-        outcomes.append(Outcome(limit, int(remaining), reset / 1000, retry / 1000))
-    return Decision(allowed, outcomes)
-
-
-def _bulk(value: object) -> bytes:
-    data = value.encode() if isinstance(value, str) else str(value).encode()
-    return b"$%d\r\n%s\r\n" % (len(data), data)
+    i = 2
+    for _, limit in counters:
+        outcomes.append(Outcome(limit, result[i], result[i + 1] / 1000, result[i + 2] / 1000))
+        i += 3
+    return Decision(result[0] == 1, outcomes)
 
 
 def _consume(task: asyncio.Task[None]) -> None:

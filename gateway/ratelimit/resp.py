@@ -1,0 +1,126 @@
+"""One pipelined connection to Redis for the limiter's hot path: RESP in, hiredis out, no task per reply.
+
+redis-py's asyncio client reads each reply in its own chain of coroutines and packs each command
+through its general encoder; per decision that cost more than the whole memory limiter
+(bench/limiter_micro.py). Here a batch of commands is one `write`, and the replies are parsed by
+hiredis in `data_received` and handed to the batch's callback in order. redis-py stays for its URL
+parsing and for everything off the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import Callable
+from typing import Any, cast
+
+import hiredis
+from redis.connection import SSLConnection, parse_url
+
+
+class ConnectionLost(Exception):
+    """The connection closed or broke while replies were still due."""
+
+
+def bulk(value: object) -> bytes:
+    data = value if isinstance(value, bytes) else str(value).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def command(*args: object) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(bulk(a) for a in args)
+
+
+class Waiter:
+    """Replies due to one write, in order; `done` is called once with all of them or with an error."""
+
+    __slots__ = ("done", "expected", "replies", "timer")
+
+    def __init__(self, expected: int, done: Callable[[Waiter, BaseException | None], None]) -> None:
+        self.expected = expected
+        self.replies: list[Any] = []
+        self.done = done
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class RespConnection(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque[Waiter] = deque()
+        self.open = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.open = True
+
+    def send(self, blob: bytes, waiter: Waiter) -> None:
+        assert self.transport is not None
+        self.pending.append(waiter)
+        self.transport.write(blob)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        pending = self.pending
+        try:
+            while (reply := reader.gets()) is not False:
+                if not pending:
+                    raise hiredis.ProtocolError("a reply nobody asked for")
+                waiter = pending[0]
+                waiter.replies.append(reply)
+                if len(waiter.replies) == waiter.expected:
+                    pending.popleft()
+                    waiter.done(waiter, None)
+        except hiredis.ProtocolError as e:
+            self.abort(e)
+
+    def abort(self, why: BaseException | None = None) -> None:
+        """Out of step or too slow: nothing more is read from this connection."""
+        if self.transport is not None:
+            self.transport.abort()
+        self._fail(why)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc)
+
+    def _fail(self, why: BaseException | None) -> None:
+        self.open = False
+        if not self.pending:
+            return
+        err = ConnectionLost(type(why).__name__ if why is not None else "closed by Redis")
+        pending, self.pending = self.pending, deque()
+        for waiter in pending:
+            waiter.done(waiter, err)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self._fail(None)
+
+
+async def connect(url: str, timeout: float) -> tuple[RespConnection, list[bytes]]:
+    """Open a connection; returns it and the commands (AUTH, SELECT) to send first on it."""
+    opts = parse_url(url)  # type: ignore[no-untyped-call]
+    loop = asyncio.get_running_loop()
+    tls: ssl.SSLContext | None = None
+    if opts.get("connection_class") is SSLConnection:
+        tls = ssl.create_default_context()
+        if str(opts.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
+            tls.check_hostname = False
+            tls.verify_mode = ssl.CERT_NONE
+    host = opts.get("host", "localhost")
+    _, conn = await asyncio.wait_for(
+        loop.create_connection(
+            RespConnection, host, opts.get("port", 6379), ssl=tls, server_hostname=host if tls else None
+        ),
+        timeout,
+    )
+    first = []
+    if opts.get("password"):
+        user = opts.get("username")
+        first.append(command("AUTH", user, opts["password"]) if user else command("AUTH", opts["password"]))
+    if opts.get("db"):
+        first.append(command("SELECT", opts["db"]))
+    return conn, first

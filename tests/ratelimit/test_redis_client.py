@@ -1,0 +1,140 @@
+"""The Redis limiter's own connection (gateway/ratelimit/resp.py): what redis-py used to do for it.
+
+URL options (database, password), commands reused from the per-plan cache, many batches in flight on
+one connection, and a server that talks nonsense: always a decision or LimiterUnavailable, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.ratelimit.base import LimiterUnavailable
+from gateway.ratelimit.policy import Decision, Limit
+from gateway.ratelimit.redis import RedisLimiter
+from tests.helpers.net import free_port
+
+from .conftest import RedisServer, unique_owner
+
+
+def plan(owner: str, *limits: Limit) -> list[tuple[str, Limit]]:
+    return [(f"rl:{{{owner}}}:k:key:{lim.name}", lim) for lim in limits]
+
+
+async def decide(limiter: RedisLimiter, counters: list[tuple[str, Limit]]) -> Decision:
+    d = await limiter.hit(counters)
+    assert isinstance(d, Decision)
+    return d
+
+
+async def test_counters_go_to_the_database_named_in_the_url(redis_url: str) -> None:
+    base = redis_url.rsplit("/", 1)[0]
+    limiter = RedisLimiter(base + "/5", timeout=2.0)
+    owner = unique_owner()
+    db0, db5 = aioredis.Redis.from_url(base + "/0"), aioredis.Redis.from_url(base + "/5")
+    try:
+        assert (await decide(limiter, plan(owner, Limit("minute", 5, 60)))).allowed
+        assert [k async for k in db5.scan_iter(match=f"*{{{owner}}}*")] != []
+        assert [k async for k in db0.scan_iter(match=f"*{{{owner}}}*")] == []
+    finally:
+        for c in (db0, db5):
+            await c.aclose()
+        await limiter.close()
+
+
+@pytest.fixture
+async def password_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    port = free_port()
+    conf = tmp_path / "redis.conf"
+    conf.write_text(f"bind 127.0.0.1\nport {port}\nsave \"\"\nappendonly no\ndaemonize yes\n"
+                    f"requirepass s3cret\ndir {tmp_path}\npidfile {tmp_path / 'redis.pid'}\n")
+    server = RedisServer(f"redis://:s3cret@127.0.0.1:{port}/0", port, str(conf))
+    server.start()
+    try:
+        yield server
+    finally:
+        subprocess.run(["redis-cli", "-p", str(port), "-a", "s3cret", "--no-auth-warning", "shutdown", "nosave"],
+                       capture_output=True, timeout=10, check=False)
+
+
+async def test_a_password_in_the_url_is_sent_and_a_wrong_one_is_a_failure(password_redis: RedisServer) -> None:
+    good = RedisLimiter(password_redis.url, timeout=2.0)
+    bad = RedisLimiter(password_redis.url.replace("s3cret", "wrong"), timeout=2.0)
+    anonymous = RedisLimiter(f"redis://127.0.0.1:{password_redis.port}/0", timeout=2.0)
+    counters = plan(unique_owner(), Limit("minute", 2, 60))
+    try:
+        assert [(await decide(good, counters)).allowed for _ in range(3)] == [True, True, False]
+        for limiter in (bad, anonymous):
+            with pytest.raises(LimiterUnavailable):
+                await limiter.hit(counters)  # type: ignore[misc]
+    finally:
+        for limiter in (good, bad, anonymous):
+            await limiter.close()
+
+
+async def test_a_changed_plan_is_encoded_again(redis_url: str) -> None:
+    """Commands are cached per counters list: a key whose limits changed gets a new list, and the
+    new limit decides, on Redis's own clock (the production path)."""
+    limiter = RedisLimiter(redis_url, timeout=2.0)
+    owner = unique_owner()
+    old = plan(owner, Limit("minute", 3, 60))
+    try:
+        assert [(await decide(limiter, old)).outcomes[0].remaining for _ in range(2)] == [2, 1]
+        new = plan(owner, Limit("minute", 10, 60))  # same storage key, a higher limit
+        d = await decide(limiter, new)
+        assert d.allowed and d.outcomes[0].remaining == 7 and d.outcomes[0].limit.count == 10
+        assert (await decide(limiter, old)).outcomes[0].remaining == 0
+    finally:
+        await limiter.close()
+
+
+async def test_many_batches_in_flight_are_answered_in_order(redis_url: str) -> None:
+    limiter = RedisLimiter(redis_url, timeout=5.0)
+    counters = plan(unique_owner(), Limit("hour", 1500, 3600))
+    try:
+        await decide(limiter, plan(unique_owner(), Limit("minute", 1, 60)))  # connected
+        trips = limiter.round_trips
+        futures = []
+        for _ in range(40):  # 40 ticks of 50: 40 writes before the first reply is read
+            futures += [limiter.hit(counters) for _ in range(50)]
+            await asyncio.sleep(0)
+        decisions = await asyncio.gather(*futures)  # type: ignore[call-overload]
+        assert [d.allowed for d in decisions] == [True] * 1500 + [False] * 500
+        assert [d.outcomes[0].remaining for d in decisions[:1500]] == list(range(1499, -1, -1))
+        assert limiter.round_trips - trips == 40
+    finally:
+        await limiter.close()
+
+
+async def test_a_server_that_talks_nonsense_is_a_failure_not_a_hang() -> None:
+    async def nonsense(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(b"?this is not RESP\r\n")
+        await writer.drain()
+        await reader.read()  # keep the connection open: only the parser can tell
+        writer.close()
+
+    server = await asyncio.start_server(nonsense, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    limiter = RedisLimiter(f"redis://127.0.0.1:{port}/0", timeout=5.0)
+    try:
+        fut = limiter.hit(plan("o", Limit("minute", 5, 60)))
+        with pytest.raises(LimiterUnavailable):
+            await asyncio.wait_for(fut, 2.0)  # type: ignore[arg-type]
+    finally:
+        await limiter.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_close_fails_what_is_queued(redis_url: str) -> None:
+    limiter = RedisLimiter(redis_url, timeout=2.0)
+    fut = limiter.hit(plan(unique_owner(), Limit("minute", 5, 60)))
+    await limiter.close()
+    with pytest.raises(LimiterUnavailable):
+        await fut
