@@ -118,16 +118,16 @@ def main() -> None:
         if args.redis:
             redis.append(asyncio.run(measure_redis(args.redis)))
     rows = [("memory", memory)] + ([(f"redis (batch {BATCH}/tick)", redis)] if redis else [])
-    print(f"{'limiter':<22} {'CPU-µs/decision, median (min–max)':>34} {'round trips/decision':>21} {'decisions':>10}")
+    print(f"{'limiter':<22} {'CPU-µs/decision, median (min-max)':>34} {'round trips/decision':>21} {'decisions':>10}")
     for name, runs in rows:
         cpu = sorted(r["cpu_us"] for r in runs)
-        print(f"{name:<22} {statistics.median(cpu):>18.2f} ({cpu[0]:.2f}–{cpu[-1]:.2f}) "
+        print(f"{name:<22} {statistics.median(cpu):>18.2f} ({cpu[0]:.2f}-{cpu[-1]:.2f}) "
               f"{runs[0]['round_trips']:21.4f} {int(runs[0]['decisions']):10d}")
     if redis:
         ratios = sorted(r["cpu_us"] / m["cpu_us"] for m, r in zip(memory, redis, strict=True))
         median = statistics.median(r["cpu_us"] for r in redis) / statistics.median(m["cpu_us"] for m in memory)
         wall = statistics.median(r["wall_us"] for r in redis)
-        print(f"redis / memory CPU: {median:.2f}x (per round {ratios[0]:.2f}–{ratios[-1]:.2f}x; "
+        print(f"redis / memory CPU: {median:.2f}x (per round {ratios[0]:.2f}-{ratios[-1]:.2f}x; "
               f"wall {wall:.1f} µs/decision; Redis server CPU not included)")
     else:
         print("no Redis given (--redis or $GATEWAY_TEST_REDIS_URL): memory only")

@@ -2,9 +2,13 @@
 and the longest event-loop stall while batches are written (goal: none over 5 ms).
 
 Runs the real Telemetry observer (request metrics, usage record onto the writer's queue, anomaly
-detector) over a real SQLite store, then a loop-lag probe while 200,000 records are flushed.
+detector) over a real SQLite store, then a loop-lag probe while 400,000 queued records are flushed,
+and again while records arrive at full load for 10 s. The SQLite store writes them from its usage
+writer process (gateway/store/sqlite_usage_process.py).
 
-    .venv/bin/python -m bench.usage_micro
+    .venv/bin/python -m bench.usage_micro [--baseline]
+
+--baseline discards the batches instead of storing them: the stalls this machine has anyway.
 """
 
 from __future__ import annotations
@@ -133,6 +137,13 @@ def exchanges_template(route: object, principal: object, now: float) -> Exchange
 
 
 def main() -> None:
+    if "--baseline" in sys.argv[1:]:
+        from gateway.store.sqlite_usage import SQLiteUsage
+
+        async def discard(self: object, records: object) -> None:
+            return None
+
+        SQLiteUsage.write_usage = discard  # type: ignore[method-assign,assignment]
     sys.setswitchinterval(0.001)  # as `gateway run` sets it
     try:
         import uvloop

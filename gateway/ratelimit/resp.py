@@ -89,7 +89,7 @@ class RespConnection(asyncio.Protocol):
         self.open = False
         if not self.pending:
             return
-        err = ConnectionLost(type(why).__name__ if why is not None else "closed by Redis")
+        err = why if isinstance(why, Exception) else ConnectionLost("closed by Redis")
         pending, self.pending = self.pending, deque()
         for waiter in pending:
             waiter.done(waiter, err)

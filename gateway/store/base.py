@@ -105,10 +105,13 @@ class UsageStore(ABC):
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers."""
 
+    async def start_usage_writes(self) -> None:  # noqa: B027 - most stores need nothing
+        """Get ready for write_usage before traffic comes (SQLite starts its writer process)."""
+
     @abstractmethod
     async def write_usage(self, records: list[UsageRecord]) -> None:
-        """Store a batch in one transaction, off the event loop's critical path (a thread for SQLite,
-        COPY for PostgreSQL). Idempotent: a record whose request_id is stored already is skipped, so
+        """Store a batch in one transaction, off the event loop's critical path (a child process for
+        SQLite, COPY for PostgreSQL). Idempotent: a record whose request_id is stored already is skipped, so
         replaying a batch after a crash never doubles it. Raise StoreUnavailable on failure."""
 
     @abstractmethod

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -25,10 +24,7 @@ from gateway.store.base import KeyStore, StoreUnavailable, UsageStore
 from gateway.store.migrate import list_migrations
 from gateway.store.sqlite_keys import SQLiteKeys
 from gateway.store.sqlite_usage import SQLiteUsage
-from gateway.store.sqlite_worker import ts, write_transaction
-
-BUSY_TIMEOUT = 5.0  # seconds to wait for another process's write lock
-MEMORY = ":memory:"
+from gateway.store.sqlite_worker import BUSY_TIMEOUT, MEMORY, open_connection, ts, write_transaction
 
 _MIGRATIONS_TABLE = (
     "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT NOT NULL PRIMARY KEY, applied_at TEXT NOT NULL)"
@@ -78,25 +74,17 @@ class SQLiteStore(SQLiteKeys, SQLiteUsage, KeyStore, UsageStore):
             raise
 
     def _connect(self) -> None:
-        try:
-            if self.path != MEMORY:
+        if self.path != MEMORY:
+            try:
                 _create_private_file(self.path)
-            conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
-        try:
-            _wal(conn, self.busy_timeout)
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.Error as exc:
-            conn.close()
-            raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
-        self._conn = conn
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
+        self._conn = open_connection(self.path, self.busy_timeout)
 
     async def close(self) -> None:
+        if self._usage_process is not None:
+            await self._usage_process.close()
+            self._usage_process = None
         executor = self._executor
         if executor is None:
             return
@@ -123,20 +111,6 @@ class SQLiteStore(SQLiteKeys, SQLiteUsage, KeyStore, UsageStore):
 
 
 # --- helpers (they run on the worker thread) -------------------------------------------------------
-
-
-def _wal(conn: sqlite3.Connection, patience: float) -> None:
-    """Switch to WAL. Two processes opening a new database at once (workers starting together) can
-    both try; SQLite answers the loser "locked" at once instead of waiting, so it tries again."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
 
 
 def _create_private_file(path: str) -> None:

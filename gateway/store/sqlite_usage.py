@@ -14,6 +14,7 @@ from typing import Any
 from gateway.store.base import StoreUnavailable, UsageReport
 from gateway.store.migrate import require_aware
 from gateway.store.rollups import floor_hour, rollup_bounds, rollup_range
+from gateway.store.sqlite_usage_process import UsageProcess
 from gateway.store.sqlite_usage_sql import (
     DAILY_FROM_HOURLY,
     DAILY_FROM_RAW,
@@ -24,38 +25,34 @@ from gateway.store.sqlite_usage_sql import (
     PENDING,
     report_sql,
 )
-from gateway.store.sqlite_worker import SQLiteWorker, from_ts, ts, write_transaction
+from gateway.store.sqlite_worker import MEMORY, SQLiteWorker, from_ts, ts, write_transaction
 from gateway.usage.record import UsageRecord
 
 
 class SQLiteUsage(SQLiteWorker):
     """The UsageStore methods of SQLiteStore."""
 
+    _usage_process: UsageProcess | None = None
+
+    async def start_usage_writes(self) -> None:
+        # Batches go to a child process: a writer thread here, however little of the GIL it took,
+        # stalled the event loop for milliseconds per batch (bench/usage_micro.py). An in-memory
+        # database cannot be shared with another process: it keeps the thread.
+        if self.path != MEMORY:
+            if self._usage_process is None:
+                self._usage_process = UsageProcess(self.path, self.busy_timeout)
+            await self._usage_process.start()
+
     async def write_usage(self, records: list[UsageRecord]) -> None:
         if not records:
             return
-        count = len(records)
-
-        def write(conn: sqlite3.Connection) -> None:
-            try:
-                seconds: dict[int, str] = {}
-                rows = [(r[0], _epoch_ts(r[1], seconds), *r[2:]) for r in records]
-                marks: set[tuple[str, str]] = set()
-                for row in rows:
-                    at = row[1]
-                    marks.add(("hour", at[:13] + ":00:00.000000Z"))
-                    marks.add(("day", at[:10] + "T00:00:00.000000Z"))
-                with write_transaction(conn):
-                    conn.executemany(INSERT_USAGE, rows)
-                    conn.executemany(MARK_USAGE, sorted(marks))
-            except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
-                # Only the kind of error: the message could quote a record.
-                raise StoreUnavailable(
-                    f"SQLite store {self.path}: a usage batch of {count} records was not stored "
-                    f"({type(exc).__name__})"
-                ) from None
-
-        await self._run(write)
+        if self.path != MEMORY:
+            await self.start_usage_writes()
+            assert self._usage_process is not None
+            await self._usage_process.write(records)
+            return
+        path = self.path
+        await self._run(lambda conn: write_records(conn, records, path))
 
     async def usage_report(
         self,
@@ -117,18 +114,26 @@ class SQLiteUsage(SQLiteWorker):
 # --- helpers (they run on the worker thread) -------------------------------------------------------
 
 
-def _epoch_ts(at: float, seconds: dict[int, str]) -> str:
-    """The stored text of an epoch time, as ts() writes it. Records of one batch mostly share their
-    second, so `seconds` (one per batch) keeps its text: formatting a datetime per record was a
-    quarter of a write's cost."""
-    second = int(at)
-    micro = round((at - second) * 1e6)
-    if micro >= 1_000_000:
-        second, micro = second + 1, micro - 1_000_000
-    text = seconds.get(second)
-    if text is None:
-        text = seconds[second] = ts(datetime.fromtimestamp(second, UTC))[:19]
-    return f"{text}.{micro:06d}Z"
+def write_records(conn: sqlite3.Connection, records: list[UsageRecord], path: str) -> None:
+    """One batch in one transaction; runs on the store's thread or in the usage writer process."""
+    try:
+        with write_transaction(conn):
+            conn.executemany(INSERT_USAGE, records)
+            conn.executemany(MARK_USAGE, _marks(records))
+    except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
+        # Only the kind of error: the message could quote a record.
+        raise StoreUnavailable(
+            f"SQLite store {path}: a usage batch of {len(records)} records was not stored ({type(exc).__name__})"
+        ) from None
+
+
+def _marks(records: list[UsageRecord]) -> list[tuple[str, str]]:
+    """The hour and day buckets the records fall in, rounded to the microsecond as INSERT_USAGE
+    stores their time. Records of a batch share one or two hours: one cheap pass over their times."""
+    hours = {round(r[1] * 1e6) // 3_600_000_000 for r in records}
+    texts = {ts(datetime.fromtimestamp(h * 3600, UTC)) for h in hours}
+    days = {t[:10] + "T00:00:00.000000Z" for t in texts}
+    return sorted([("day", d) for d in days] + [("hour", h) for h in texts])
 
 
 def _rollup_state(conn: sqlite3.Connection) -> tuple[str | None, str | None, str | None]:

@@ -14,8 +14,13 @@ from gateway.usage.record import FIELDS
 _HOUR_OF = "substr({}, 1, 13) || ':00:00.000000Z'"
 _DAY_OF = "substr({}, 1, 10) || 'T00:00:00.000000Z'"
 # Idempotent on request_id only: INSERT OR IGNORE would also skip a row breaking NOT NULL, silently.
+# A record is bound as it is, its epoch time (parameter 2) made the stored text here, to the
+# microsecond: converting it in Python cost a third of a write.
+_MICROS = "CAST(round(?2 * 1000000) AS INTEGER)"
+_AT_TEXT = f"strftime('%Y-%m-%dT%H:%M:%S', {_MICROS} / 1000000, 'unixepoch') || printf('.%06dZ', {_MICROS} % 1000000)"
 INSERT_USAGE = (
-    f"INSERT INTO usage_records ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))}) "  # noqa: S608
+    f"INSERT INTO usage_records ({', '.join(FIELDS)}) "  # noqa: S608
+    f"VALUES (?1, {_AT_TEXT}, {', '.join(f'?{i}' for i in range(3, len(FIELDS) + 1))}) "
     "ON CONFLICT (request_id) DO NOTHING"
 )
 MARK_USAGE = "INSERT OR IGNORE INTO usage_rollup_pending (grain, bucket) VALUES (?, ?)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,12 +22,15 @@ from typing import TypeVar
 from gateway.store.base import StoreUnavailable
 
 T = TypeVar("T")
+BUSY_TIMEOUT = 5.0  # seconds to wait for another process's write lock
+MEMORY = ":memory:"
 
 
 class SQLiteWorker:
     """The connection and its worker thread, shared by the key and usage parts of SQLiteStore."""
 
     path: str
+    busy_timeout: float
     _executor: ThreadPoolExecutor | None
     _conn: sqlite3.Connection | None  # used only on the executor's thread
 
@@ -56,6 +60,39 @@ class SQLiteWorker:
 
 
 # --- helpers (they run on the worker thread) -------------------------------------------------------
+
+
+def open_connection(path: str, busy_timeout: float) -> sqlite3.Connection:
+    """A connection in WAL mode with synchronous=NORMAL, a busy timeout for other processes holding
+    the write lock (the usage writer process is one), and foreign keys enforced."""
+    try:
+        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreUnavailable(f"cannot open SQLite store {path}: {exc}") from exc
+    try:
+        _wal(conn, busy_timeout)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StoreUnavailable(f"cannot open SQLite store {path}: {exc}") from exc
+    return conn
+
+
+def _wal(conn: sqlite3.Connection, patience: float) -> None:
+    """Switch to WAL. Two processes opening a new database at once (workers starting together) can
+    both try; SQLite answers the loser "locked" at once instead of waiting, so it tries again."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
 
 
 @contextmanager

@@ -80,6 +80,10 @@ class UsageWriter:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        try:
+            await self.store.start_usage_writes()
+        except StoreUnavailable as e:  # the first write tries again, and spools if it must
+            log.warning("usage store not ready (%s)", e)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)

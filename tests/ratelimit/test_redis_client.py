@@ -138,3 +138,29 @@ async def test_close_fails_what_is_queued(redis_url: str) -> None:
     await limiter.close()
     with pytest.raises(LimiterUnavailable):
         await fut
+
+
+async def test_a_batch_that_timed_out_is_not_sent_again() -> None:
+    """A slow Redis may still run what it was sent: sending it again could count it twice."""
+    received = bytearray()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            received.extend(data)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    limiter = RedisLimiter(f"redis://127.0.0.1:{port}/0", timeout=0.05)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(LimiterUnavailable, match="TimeoutError"):
+            await limiter.hit(plan("o", Limit("minute", 5, 60)))  # type: ignore[misc]
+        assert loop.time() - started < 0.5
+        await asyncio.sleep(0.1)
+        assert received.count(b"EVALSHA") == 1
+    finally:
+        await limiter.close()
+        server.close()
+        await server.wait_closed()

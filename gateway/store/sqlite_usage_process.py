@@ -1,0 +1,172 @@
+"""The SQLite store's usage writer: a child process that inserts the batches, so the GIL stays here.
+
+A writer thread in the gateway's own process, however little Python it ran, took the GIL back from
+the event loop at every row (sqlite3 releases it around each step), and the loop waited for it
+milliseconds at a time (bench/usage_micro.py). A child has its own interpreter: the loop only
+pickles a batch of plain tuples (about 0.3 µs a record) and writes it to a pipe.
+
+Framing on both pipes: a 4-byte sequence number, a 4-byte length, then the body — a pickled list of
+records one way, b"ok" or the error text back. Only the parent writes to the child's stdin; the
+child never outlives its stdin (EOF: it finishes what it has and exits) and ignores SIGINT and
+SIGTERM, so a terminal's Ctrl-C reaching the process group cannot kill it before the gateway's last
+flush.
+
+    python -m gateway.store.sqlite_usage_process PATH BUSY_TIMEOUT   (started by UsageProcess only)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import signal
+import struct
+import sys
+from typing import TYPE_CHECKING, BinaryIO
+
+from gateway.store.base import StoreUnavailable
+
+if TYPE_CHECKING:
+    from gateway.usage.record import UsageRecord
+
+_HEAD = struct.Struct("!II")
+_OK = b"ok"
+EXIT_TIMEOUT = 10.0  # seconds the child gets to finish its batches when the store closes
+
+
+class UsageProcess:
+    """The parent's end: one child per store, started on first use and again after it died."""
+
+    def __init__(self, path: str, busy_timeout: float) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._proc: asyncio.subprocess.Process | None = None
+        self._replies: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._seq = 0
+        self._starting: asyncio.Lock | None = None
+
+    async def write(self, records: list[UsageRecord]) -> None:
+        proc = await self.start()
+        assert proc.stdin is not None
+        self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
+        body = pickle.dumps([tuple(r) for r in records], pickle.HIGHEST_PROTOCOL)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending[seq] = fut
+        try:
+            proc.stdin.write(_HEAD.pack(seq, len(body)) + body)
+            await proc.stdin.drain()
+            await fut  # a batch abandoned by a timeout is answered later and ignored: writes are idempotent
+        except (ConnectionError, BrokenPipeError) as e:
+            raise StoreUnavailable(f"SQLite usage writer for {self.path} is gone ({type(e).__name__})") from None
+        finally:
+            self._pending.pop(seq, None)
+
+    async def start(self) -> asyncio.subprocess.Process:
+        """The running child, started now if need be. Forking copies this process's page tables,
+        milliseconds for a big heap: the gateway starts it before serving."""
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            proc = self._proc
+            if proc is not None and proc.returncode is None and self._replies is not None and not self._replies.done():
+                return proc
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", __name__, self.path, str(self.busy_timeout),
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                )
+            except OSError as e:
+                raise StoreUnavailable(f"cannot start the SQLite usage writer ({type(e).__name__})") from None
+            self._proc = proc
+            self._replies = asyncio.get_running_loop().create_task(self._read_replies(proc))
+            return proc
+
+    async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        try:
+            while True:
+                seq, size = _HEAD.unpack(await proc.stdout.readexactly(_HEAD.size))
+                reply = await proc.stdout.readexactly(size)
+                fut = self._pending.get(seq)
+                if fut is None or fut.done():
+                    continue
+                if reply == _OK:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(StoreUnavailable(reply.decode(errors="replace")))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the child exited
+        finally:
+            err = StoreUnavailable(f"SQLite usage writer for {self.path} exited")
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(err)
+
+    async def close(self) -> None:
+        """Lets the child finish what it was sent, then waits for it (killed if it hangs)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), EXIT_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        if self._replies is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replies
+
+
+# --- the child -------------------------------------------------------------------------------------
+
+
+def _read(stream: BinaryIO, size: int) -> bytes | None:
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+def child(path: str, busy_timeout: float, inp: BinaryIO, out: BinaryIO) -> None:
+    from gateway.store.sqlite_usage import write_records
+    from gateway.store.sqlite_worker import open_connection
+
+    conn = open_connection(path, busy_timeout)
+    try:
+        while (head := _read(inp, _HEAD.size)) is not None:
+            seq, size = _HEAD.unpack(head)
+            body = _read(inp, size)
+            if body is None:
+                return
+            try:
+                write_records(conn, pickle.loads(body), path)  # noqa: S301 - our own parent, over a private pipe
+                reply = _OK
+            except StoreUnavailable as e:
+                reply = str(e).encode()
+            out.write(_HEAD.pack(seq, len(reply)) + reply)
+            out.flush()
+    finally:
+        conn.close()
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # No wake-up preemption: woken by a batch on the pipe, a normal-policy child took the CPU from the
+    # event loop that had just written it, for a slice of milliseconds (bench/usage_micro.py). Under
+    # SCHED_BATCH it waits for the next tick or a free CPU, and still gets its fair share of CPU time.
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    try:
+        child(sys.argv[1], float(sys.argv[2]), sys.stdin.buffer, sys.stdout.buffer)
+    except StoreUnavailable as e:  # the file cannot be opened: the parent sees EOF and spools
+        print(f"gateway usage writer: {e}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:
+        pass  # the parent is gone
+
+
+if __name__ == "__main__":
+    main()

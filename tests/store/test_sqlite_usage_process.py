@@ -1,0 +1,142 @@
+"""The SQLite store's usage writer process: batches stored by a child, which is restarted when it
+dies, survives the signals a terminal sends the process group, and finishes its work on close."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.store import StoreUnavailable
+from gateway.store.sqlite import SQLiteStore
+from gateway.usage.record import UsageRecord
+
+T0 = 1_732_780_800.0  # 2024-11-28T08:00:00Z
+
+
+def records(first: int, n: int) -> list[UsageRecord]:
+    return [
+        UsageRecord(f"0190a0b0-0000-7000-8000-{i:012d}", T0 + i / 1000, "k1", "alice", "live", "orders", "GET",
+                    200, 200, 1.5, 1.0, 10, 20, "192.0.2.1", None)
+        for i in range(first, first + n)
+    ]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(f"sqlite:///{tmp_path}/gw.db")
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def child_pid(store: SQLiteStore) -> int:
+    proc = store._usage_process._proc if store._usage_process else None
+    assert proc is not None and proc.returncode is None, "no usage writer process"
+    return proc.pid
+
+
+async def test_batches_are_stored_by_a_child_process_that_does_not_preempt_the_loop(store: SQLiteStore) -> None:
+    await store.start_usage_writes()
+    pid = child_pid(store)
+    assert pid != os.getpid()
+    await store.write_usage(records(0, 1000))
+    assert os.sched_getscheduler(pid) == os.SCHED_BATCH  # set by the child before it reads a batch
+    await store.write_usage(records(500, 1000))  # overlapping: idempotent
+    assert await store.count_usage() == 1500
+    assert child_pid(store) == pid
+
+
+async def test_time_is_stored_as_text_to_the_microsecond(store: SQLiteStore) -> None:
+    r = records(0, 1)[0]._replace(at=T0 + 3599.9999996)  # rounds up into the next hour
+    await store.write_usage([r, records(1, 1)[0]._replace(at=T0 + 0.123456)])
+
+    def stored(conn: object) -> list[tuple[str, str]]:
+        return conn.execute("SELECT at, request_id FROM usage_records ORDER BY at").fetchall()  # type: ignore[attr-defined]
+
+    def marks(conn: object) -> list[tuple[str, str]]:
+        return conn.execute("SELECT grain, bucket FROM usage_rollup_pending ORDER BY 1, 2").fetchall()  # type: ignore[attr-defined]
+
+    assert [at for at, _ in await store._run(stored)] == [
+        "2024-11-28T08:00:00.123456Z", "2024-11-28T09:00:00.000000Z"]
+    assert await store._run(marks) == [
+        ("day", "2024-11-28T00:00:00.000000Z"),
+        ("hour", "2024-11-28T08:00:00.000000Z"), ("hour", "2024-11-28T09:00:00.000000Z")]
+
+
+async def test_a_killed_child_fails_its_batch_and_a_new_one_takes_the_next(store: SQLiteStore) -> None:
+    await store.write_usage(records(0, 10))
+    first = child_pid(store)
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(StoreUnavailable):
+        for _ in range(50):  # until the parent has noticed the exit
+            await store.write_usage(records(10, 10))
+            await asyncio.sleep(0.02)
+    await store.write_usage(records(10, 10))
+    assert child_pid(store) != first
+    assert await store.count_usage() == 20
+
+
+async def test_the_child_ignores_sigint_and_sigterm(store: SQLiteStore) -> None:
+    await store.write_usage(records(0, 10))
+    pid = child_pid(store)
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    await asyncio.sleep(0.1)
+    await store.write_usage(records(10, 10))
+    assert child_pid(store) == pid
+    assert await store.count_usage() == 20
+
+
+async def test_close_lets_the_child_finish_what_it_was_sent(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/gw.db"
+    s = SQLiteStore(url)
+    await s.open()
+    await s.start_usage_writes()
+    proc = s._usage_process
+    assert proc is not None
+    pending = [asyncio.ensure_future(s.write_usage(records(i * 1000, 1000))) for i in range(5)]
+    for _ in range(200):  # until all five are sent, none answered yet
+        if len(proc._pending) == 5:
+            break
+        await asyncio.sleep(0)
+    assert len(proc._pending) == 5
+    await s.close()
+    assert all(p.done() for p in pending)
+    await asyncio.gather(*pending)  # every one acknowledged, none failed
+    assert proc._proc is None
+    again = SQLiteStore(url)
+    await again.open()
+    try:
+        assert await again.count_usage() == 5000
+    finally:
+        await again.close()
+
+
+async def test_a_batch_the_store_refuses_is_an_error_that_quotes_no_record(store: SQLiteStore) -> None:
+    bad = records(0, 3)
+    bad[1] = bad[1]._replace(method=None)  # NOT NULL
+    with pytest.raises(StoreUnavailable) as e:
+        await store.write_usage(bad)
+    assert str(e.value).endswith(": a usage batch of 3 records was not stored (IntegrityError)")
+    assert "0190a0b0" not in str(e.value)
+    assert await store.count_usage() == 0  # all of the batch or none
+    await store.write_usage(records(0, 3))  # the same child goes on
+    assert await store.count_usage() == 3
+
+
+async def test_an_in_memory_store_writes_on_its_thread() -> None:
+    s = SQLiteStore("sqlite:///:memory:")
+    await s.open()
+    try:
+        await s.write_usage(records(0, 100))
+        assert s._usage_process is None
+        assert await s.count_usage() == 100
+    finally:
+        await s.close()
