@@ -124,6 +124,12 @@ class UsageProcess:
 # --- the child -------------------------------------------------------------------------------------
 
 
+# Between chunks of a batch the child offers its CPU: the kernel lets a running task finish its slice
+# (3 ms or so) before a task it woke may run there, and the event loop's thread, woken on this CPU
+# while the child inserts, waited that long. A yield with nothing else runnable costs a microsecond.
+PAUSE = os.sched_yield
+
+
 def _read(stream: BinaryIO, size: int) -> bytes | None:
     data = stream.read(size)
     return data if len(data) == size else None
@@ -141,7 +147,7 @@ def child(path: str, busy_timeout: float, inp: BinaryIO, out: BinaryIO) -> None:
             if body is None:
                 return
             try:
-                write_records(conn, pickle.loads(body), path)  # noqa: S301 - our own parent, over a private pipe
+                write_records(conn, pickle.loads(body), path, PAUSE)  # noqa: S301 - our own parent's pipe
                 reply = _OK
             except StoreUnavailable as e:
                 reply = str(e).encode()

@@ -140,3 +140,16 @@ async def test_an_in_memory_store_writes_on_its_thread() -> None:
         assert await s.count_usage() == 100
     finally:
         await s.close()
+
+
+async def test_a_bad_record_late_in_a_batch_leaves_none_of_it(store: SQLiteStore) -> None:
+    """The child inserts a batch in chunks, pausing between them, inside one transaction."""
+    from gateway.store.sqlite_usage import CHUNK
+
+    bad = records(0, 3 * CHUNK)
+    bad[-1] = bad[-1]._replace(status=None)  # NOT NULL, in the last chunk
+    with pytest.raises(StoreUnavailable):
+        await store.write_usage(bad)
+    assert await store.count_usage() == 0
+    await store.write_usage(records(0, 3 * CHUNK + 1))
+    assert await store.count_usage() == 3 * CHUNK + 1
