@@ -54,8 +54,8 @@ async def password_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
     conf.write_text(f"bind 127.0.0.1\nport {port}\nsave \"\"\nappendonly no\ndaemonize yes\n"
                     f"requirepass s3cret\ndir {tmp_path}\npidfile {tmp_path / 'redis.pid'}\n")
     server = RedisServer(f"redis://:s3cret@127.0.0.1:{port}/0", port, str(conf))
-    server.start()
     try:
+        server.start()
         yield server
     finally:
         subprocess.run(["redis-cli", "-p", str(port), "-a", "s3cret", "--no-auth-warning", "shutdown", "nosave"],
