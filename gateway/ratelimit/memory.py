@@ -46,26 +46,33 @@ class MemoryLimiter(Limiter):
                     windows.popitem(last=False)
             else:
                 windows.move_to_end(key)
-            width = limit.width_ms
-            index = now_ms // width
-            w.prune(index - BUCKETS)
+            index = now_ms // limit.width_ms
+            b = w.buckets
+            if b and b[0][0] < index - BUCKETS:
+                w.prune(index - BUCKETS)
             if w.total + cost > limit.count:
                 allowed = False
-            states.append((w, limit, index, width))
+            states.append((w, limit, index))
+        if not allowed:
+            return Decision(False, [_outcome(w, limit, now_ms, cost, False) for w, limit, _ in states])
         outcomes = []
-        for w, limit, index, width in states:
-            if allowed:
-                b = w.buckets
-                if b and b[-1][0] == index:
-                    b[-1][1] += cost
-                else:
-                    b.append([index, cost])
-                w.total += cost
-            outcomes.append(_outcome(w, limit, now_ms, width, cost, allowed))
-        return Decision(allowed, outcomes)
+        for w, limit, index in states:
+            b = w.buckets
+            if b and b[-1][0] == index:
+                b[-1][1] += cost
+            else:
+                b.append([index, cost])
+            w.total += cost
+            # The common case inline: admitted, so no limit needs a retry time.
+            width = limit.width_ms
+            outcomes.append(
+                Outcome(limit, limit.count - w.total, ((b[0][0] + BUCKETS + 1) * width - now_ms) / 1000, 0.0)
+            )
+        return Decision(True, outcomes)
 
 
-def _outcome(w: _Window, limit: Limit, now_ms: int, width: int, cost: int, allowed: bool) -> Outcome:
+def _outcome(w: _Window, limit: Limit, now_ms: int, cost: int, allowed: bool) -> Outcome:
+    width = limit.width_ms
     remaining = max(0, limit.count - w.total)
     reset = (w.buckets[0][0] + BUCKETS + 1) * width - now_ms if w.buckets else 0
     retry = 0

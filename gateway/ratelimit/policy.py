@@ -13,7 +13,7 @@ the first window, which is exactly what a per-key quota's users do not expect.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.config.units import RATE_PERIODS, parse_rate
 
@@ -26,10 +26,13 @@ class Limit:
     name: str
     count: int
     period: int
+    # Derived once, here: the hot path reads them per request.
+    width_ms: int = field(init=False, compare=False, repr=False)
+    state_prefix: bytes = field(init=False, compare=False, repr=False)  # b'"name";r='
 
-    @property
-    def width_ms(self) -> int:
-        return max(1, self.period * 1000 // BUCKETS)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "width_ms", max(1, self.period * 1000 // BUCKETS))
+        object.__setattr__(self, "state_prefix", f'"{self.name}";r='.encode())
 
     def scaled(self, divisor: int) -> Limit:
         """This replica's share when replicas cannot coordinate (never less than 1)."""
@@ -72,7 +75,7 @@ def policy_header(limits: list[Limit]) -> bytes:
 
 
 def state_header(outcomes: list[Outcome]) -> bytes:
-    return ", ".join(f'"{o.limit.name}";r={o.remaining};t={math.ceil(o.reset)}' for o in outcomes).encode()
+    return b", ".join([b"%s%d;t=%d" % (o.limit.state_prefix, o.remaining, math.ceil(o.reset)) for o in outcomes])
 
 
 def legacy_headers(outcomes: list[Outcome]) -> list[tuple[bytes, bytes]]:
