@@ -159,8 +159,8 @@ def _redact(url: str) -> str:
 def run(config: GatewayConfig, workers: int = 1) -> int:
     """Serve until SIGTERM/SIGINT; with workers > 1, fork that many proxy processes (SO_REUSEPORT)."""
     install_uvloop()
-    # Batches are written from a thread (SQLite); with the default 5 ms switch interval the event loop
-    # could wait that long for the GIL behind it, which showed as request-latency p99 spikes.
+    # The SQLite store's thread (key lookups on a cache miss, reports) shares the GIL; with the default
+    # 5 ms switch interval the event loop could wait that long behind it: request-latency p99 spikes.
     sys.setswitchinterval(0.001)
     if workers <= 1:
         return asyncio.run(Gateway(config).serve())
