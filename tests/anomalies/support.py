@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
-import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -39,11 +38,6 @@ def config_data(db: Path, up: str, anomalies: dict[str, Any] | None = None) -> d
             {"name": "orders", "path": "/orders", "upstream": up, "scopes": ["orders:read"]},
         ],
     }
-
-
-def write_config(path: Path, data: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 @dataclass

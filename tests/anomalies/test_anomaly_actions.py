@@ -12,6 +12,7 @@ import pytest
 
 from gateway.clock import FakeClock
 from gateway.keys.model import AuditEntry
+from tests.helpers.configs import write_config
 from tests.helpers.gateway import RunningGateway
 from tests.helpers.upstream import RecordingUpstream
 
@@ -25,7 +26,6 @@ from .support import (
     cli,
     config_data,
     eventually,
-    write_config,
 )
 
 # One window of history is enough here; 5 requests, then more than 2 x 5 (and at least 10) is a spike.

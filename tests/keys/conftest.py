@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 
 from gateway.clock import FakeClock
+from tests.helpers.configs import write_config
 from tests.helpers.gateway import RunningGateway, start_gateway
 from tests.helpers.upstream import RecordingUpstream
 
-from .support import config_data, validate, write_config
+from .support import config_data, validate
 
 Start = Callable[..., Awaitable[RunningGateway]]
 

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gateway.config.schema import GatewayConfig
 from gateway.keys.model import KeyRecord
 from tests.helpers.gateway import RunningGateway
@@ -61,11 +59,6 @@ def config_data(store_url: str, up: str, routes: list[dict[str, Any]] | None = N
 
 def validate(data: dict[str, Any]) -> GatewayConfig:
     return GatewayConfig.model_validate(data)
-
-
-def write_config(path: Path, data: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 # --- the CLI ---------------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ import pytest
 
 from gateway.services import Services
 from gateway.store import KeyStore, open_store
+from tests.helpers.configs import write_config
 
-from .support import cli, config_data, validate, write_config
+from .support import cli, config_data, validate
 
 KEY = re.compile(r"sk_(live|test)_[0-9A-Za-z]{49}")
 FIELDS = {"id", "name", "owner", "env", "scopes", "allow_ips", "limits", "status", "hint", "created_at",

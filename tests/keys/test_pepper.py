@@ -12,6 +12,7 @@ import pytest
 from gateway.keys.digest import Pepper
 from gateway.keys.peppers import PepperMissing
 from gateway.services import Services
+from tests.helpers.configs import write_config
 from tests.helpers.gateway import start_gateway
 from tests.helpers.upstream import RecordingUpstream
 
@@ -25,7 +26,6 @@ from .support import (
     new_key,
     problem,
     validate,
-    write_config,
 )
 
 

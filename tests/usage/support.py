@@ -26,10 +26,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config.schema import GatewayConfig
+from tests.helpers.configs import write_config
 from tests.helpers.net import free_port
 from tests.helpers.raw_http import Conn, Resp, call, call_raw, request_bytes  # noqa: F401 - the suite imports them from here
 
@@ -74,11 +74,6 @@ def config_data(store_url: str, up: str, routes: list[dict[str, Any]] | None = N
 
 def validate(data: dict[str, Any]) -> GatewayConfig:
     return GatewayConfig.model_validate(data)
-
-
-def write_config(path: Path, data: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 def sqlite_file(store_url: str) -> str | None:

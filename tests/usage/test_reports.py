@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from gateway.clock import FakeClock
+from tests.helpers.configs import write_config
 from tests.helpers.gateway import RunningGateway
 from tests.helpers.upstream import RecordingUpstream
 from tests.usage.conftest import Start
@@ -34,7 +35,6 @@ from tests.usage.support import (
     config_data,
     usage_rows,
     wait_rows,
-    write_config,
 )
 
 DAY = 86400.0
