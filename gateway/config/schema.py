@@ -121,8 +121,13 @@ class RateLimitConfig(Strict):
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        if urlsplit(v).scheme not in ("memory", "redis", "rediss"):
+        scheme = urlsplit(v).scheme
+        if scheme not in ("memory", "redis", "rediss"):
             raise ValueError("must be memory://, redis://HOST:PORT/DB or rediss://…")
+        if scheme != "memory":
+            from gateway.ratelimit.resp import endpoint
+
+            endpoint(v)  # its message quotes none of the URL: it may hold a password
         return v
 
 

@@ -17,7 +17,7 @@ import hiredis
 
 from gateway.ratelimit.base import Counters, Limiter, LimiterUnavailable
 from gateway.ratelimit.policy import BUCKETS, Decision, Outcome
-from gateway.ratelimit.resp import RespConnection, Waiter, bulk, command, connect
+from gateway.ratelimit.resp import RespConnection, Waiter, bulk, command, connect, endpoint
 
 SCRIPT = (files("gateway.ratelimit") / "limit.lua").read_text()
 LATE = 0.005  # seconds past a call's deadline that show the event loop itself was held up
@@ -38,6 +38,7 @@ class _Batch(Waiter):
 class RedisLimiter(Limiter):
     def __init__(self, url: str, timeout: float, now_ms: int = 0) -> None:
         self.url = url
+        self.endpoint = endpoint(url)  # ValueError here, at startup, for a URL that cannot be used
         self.sha = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
         self.timeout = timeout
         self.now_ms = now_ms  # tests only: a fixed time instead of Redis TIME
@@ -56,6 +57,9 @@ class RedisLimiter(Limiter):
     def hit(self, counters: Counters, cost: int = 1) -> asyncio.Future[Decision]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Decision] = loop.create_future()
+        if self._closed:
+            fut.set_exception(LimiterUnavailable("redis: limiter closed"))
+            return fut
         self._queue.append((counters, cost, fut, False))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -77,8 +81,8 @@ class RedisLimiter(Limiter):
 
     async def _connect(self) -> None:
         try:
-            conn, first = await connect(self.url, self.timeout)
-        except (OSError, TimeoutError) as e:
+            conn = await connect(self.endpoint, self.timeout)
+        except Exception as e:  # whatever it is, every queued caller gets the failure policy
             self._fail(self._queue, LimiterUnavailable(f"redis: {type(e).__name__}"))
             self._queue = []
             return
@@ -86,10 +90,12 @@ class RedisLimiter(Limiter):
             self._connecting = False
         if self._closed:
             conn.close()
+            self._fail(self._queue, LimiterUnavailable("redis: limiter closed"))
+            self._queue = []
             return
         # Sent ahead of the first batch, unawaited: Redis runs a connection's commands in order. A new
         # connection may be to a restarted Redis, which has no scripts.
-        prelude = [*first, self._load]
+        prelude = [*self.endpoint.first, self._load]
         conn.send(b"".join(prelude), Waiter(len(prelude), self._prelude_done))
         self._reload = False
         self._conn = conn
@@ -135,7 +141,10 @@ class RedisLimiter(Limiter):
                     continue
                 fut.set_exception(LimiterUnavailable(f"redis: {str(reply).split(' ', 1)[0]}"))
                 continue
-            fut.set_result(_decision(counters, reply))
+            try:
+                fut.set_result(_decision(counters, reply))
+            except (TypeError, ValueError, IndexError):  # not the script's reply shape: never a hang
+                fut.set_exception(LimiterUnavailable("redis: unexpected reply"))
         if again:
             self._reload = True
             self._requeue(again)

@@ -13,7 +13,7 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import hiredis
 from redis.connection import SSLConnection, parse_url
@@ -100,27 +100,41 @@ class RespConnection(asyncio.Protocol):
         self._fail(None)
 
 
-async def connect(url: str, timeout: float) -> tuple[RespConnection, list[bytes]]:
-    """Open a connection; returns it and the commands (AUTH, SELECT) to send first on it."""
-    opts = parse_url(url)  # type: ignore[no-untyped-call]
-    loop = asyncio.get_running_loop()
+class Endpoint(NamedTuple):
+    host: str
+    port: int
+    tls: ssl.SSLContext | None
+    first: list[bytes]  # AUTH and SELECT, sent ahead of everything on a new connection
+
+
+def endpoint(url: str) -> Endpoint:
+    """Where a redis:// or rediss:// URL points, and what to send first. ValueError for a URL that
+    cannot be used, with a message that quotes none of it (it may hold a password)."""
+    try:
+        opts = parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError:
+        raise ValueError("not a usable Redis URL: check the port, and percent-encode the password") from None
     tls: ssl.SSLContext | None = None
     if opts.get("connection_class") is SSLConnection:
         tls = ssl.create_default_context()
         if str(opts.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
             tls.check_hostname = False
             tls.verify_mode = ssl.CERT_NONE
-    host = opts.get("host", "localhost")
-    _, conn = await asyncio.wait_for(
-        loop.create_connection(
-            RespConnection, host, opts.get("port", 6379), ssl=tls, server_hostname=host if tls else None
-        ),
-        timeout,
-    )
     first = []
     if opts.get("password"):
         user = opts.get("username")
         first.append(command("AUTH", user, opts["password"]) if user else command("AUTH", opts["password"]))
     if opts.get("db"):
         first.append(command("SELECT", opts["db"]))
-    return conn, first
+    return Endpoint(opts.get("host", "localhost"), opts.get("port", 6379), tls, first)
+
+
+async def connect(where: Endpoint, timeout: float) -> RespConnection:
+    loop = asyncio.get_running_loop()
+    _, conn = await asyncio.wait_for(
+        loop.create_connection(
+            RespConnection, where.host, where.port, ssl=where.tls, server_hostname=where.host if where.tls else None
+        ),
+        timeout,
+    )
+    return conn

@@ -139,10 +139,16 @@ def write_records(
         ) from None
 
 
+def _second(at: float) -> int:
+    """The stored time's whole second: the fraction rounded to the microsecond may carry."""
+    whole = int(at)
+    return whole + (round((at - whole) * 1e6) >= 1_000_000)
+
+
 def _marks(records: list[UsageRecord]) -> list[tuple[str, str]]:
     """The hour and day buckets the records fall in, rounded to the microsecond as INSERT_USAGE
     stores their time. Records of a batch share one or two hours: one cheap pass over their times."""
-    hours = {round(r[1] * 1e6) // 3_600_000_000 for r in records}
+    hours = {_second(r[1]) // 3600 for r in records}
     texts = {ts(datetime.fromtimestamp(h * 3600, UTC)) for h in hours}
     days = {t[:10] + "T00:00:00.000000Z" for t in texts}
     return sorted([("day", d) for d in days] + [("hour", h) for h in texts])

@@ -35,61 +35,27 @@ _OK = b"ok"
 EXIT_TIMEOUT = 10.0  # seconds the child gets to finish its batches when the store closes
 
 
-class UsageProcess:
-    """The parent's end: one child per store, started on first use and again after it died."""
+class _Child:
+    """One child process, the batches it was sent and not yet answered, and the task reading its replies."""
 
-    def __init__(self, path: str, busy_timeout: float) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, path: str) -> None:
+        self.proc = proc
         self.path = path
-        self.busy_timeout = busy_timeout
-        self._proc: asyncio.subprocess.Process | None = None
-        self._replies: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[None]] = {}
-        self._seq = 0
-        self._starting: asyncio.Lock | None = None
+        self.pending: dict[int, asyncio.Future[None]] = {}
+        self.replies = asyncio.get_running_loop().create_task(self._read_replies())
 
-    async def write(self, records: list[UsageRecord]) -> None:
-        proc = await self.start()
-        assert proc.stdin is not None
-        self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
-        body = pickle.dumps([tuple(r) for r in records], pickle.HIGHEST_PROTOCOL)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending[seq] = fut
-        try:
-            proc.stdin.write(_HEAD.pack(seq, len(body)) + body)
-            await proc.stdin.drain()
-            await fut  # a batch abandoned by a timeout is answered later and ignored: writes are idempotent
-        except (ConnectionError, BrokenPipeError) as e:
-            raise StoreUnavailable(f"SQLite usage writer for {self.path} is gone ({type(e).__name__})") from None
-        finally:
-            self._pending.pop(seq, None)
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None and not self.replies.done()
 
-    async def start(self) -> asyncio.subprocess.Process:
-        """The running child, started now if need be. Forking copies this process's page tables,
-        milliseconds for a big heap: the gateway starts it before serving."""
-        if self._starting is None:
-            self._starting = asyncio.Lock()
-        async with self._starting:
-            proc = self._proc
-            if proc is not None and proc.returncode is None and self._replies is not None and not self._replies.done():
-                return proc
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", __name__, self.path, str(self.busy_timeout),
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                )
-            except OSError as e:
-                raise StoreUnavailable(f"cannot start the SQLite usage writer ({type(e).__name__})") from None
-            self._proc = proc
-            self._replies = asyncio.get_running_loop().create_task(self._read_replies(proc))
-            return proc
-
-    async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
+    async def _read_replies(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None
         try:
             while True:
-                seq, size = _HEAD.unpack(await proc.stdout.readexactly(_HEAD.size))
-                reply = await proc.stdout.readexactly(size)
-                fut = self._pending.get(seq)
+                seq, size = _HEAD.unpack(await stdout.readexactly(_HEAD.size))
+                reply = await stdout.readexactly(size)
+                fut = self.pending.get(seq)
                 if fut is None or fut.done():
                     continue
                 if reply == _OK:
@@ -99,16 +65,72 @@ class UsageProcess:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the child exited
         finally:
+            # Only this child's batches: a new child may already be taking the next ones.
             err = StoreUnavailable(f"SQLite usage writer for {self.path} exited")
-            for fut in self._pending.values():
+            for fut in self.pending.values():
                 if not fut.done():
                     fut.set_exception(err)
 
+
+class UsageProcess:
+    """The parent's end: one child per store, started on first use and again after it died."""
+
+    def __init__(self, path: str, busy_timeout: float) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._child: _Child | None = None
+        self._seq = 0
+        self._starting: asyncio.Lock | None = None
+
+    async def write(self, records: list[UsageRecord]) -> None:
+        child = await self.start()
+        stdin = child.proc.stdin
+        assert stdin is not None
+        self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
+        body = pickle.dumps([tuple(r) for r in records], pickle.HIGHEST_PROTOCOL)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        child.pending[seq] = fut
+        try:
+            stdin.write(_HEAD.pack(seq, len(body)) + body)
+            await stdin.drain()
+            await fut  # a batch abandoned by a timeout is answered later and ignored: writes are idempotent
+        except (ConnectionError, BrokenPipeError) as e:
+            raise StoreUnavailable(f"SQLite usage writer for {self.path} is gone ({type(e).__name__})") from None
+        finally:
+            child.pending.pop(seq, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: the child's exit may have failed it while we were sending
+            else:
+                fut.cancel()
+
+    async def start(self) -> _Child:
+        """The running child, started now if need be. Forking copies this process's page tables,
+        milliseconds for a big heap: the gateway starts it before serving."""
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            child = self._child
+            if child is not None and child.alive:
+                return child
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", __name__, self.path, str(self.busy_timeout),
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                )
+            except OSError as e:
+                raise StoreUnavailable(f"cannot start the SQLite usage writer ({type(e).__name__})") from None
+            self._child = _Child(proc, self.path)
+            return self._child
+
     async def close(self) -> None:
         """Lets the child finish what it was sent, then waits for it (killed if it hangs)."""
-        proc, self._proc = self._proc, None
-        if proc is None:
+        if self._starting is None:
             return
+        async with self._starting:  # not while a child is being started
+            child, self._child = self._child, None
+        if child is None:
+            return
+        proc = child.proc
         if proc.stdin is not None:
             proc.stdin.close()
         try:
@@ -116,9 +138,8 @@ class UsageProcess:
         except TimeoutError:
             proc.kill()
             await proc.wait()
-        if self._replies is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._replies
+        with contextlib.suppress(asyncio.CancelledError):
+            await child.replies
 
 
 # --- the child -------------------------------------------------------------------------------------

@@ -15,9 +15,14 @@ _HOUR_OF = "substr({}, 1, 13) || ':00:00.000000Z'"
 _DAY_OF = "substr({}, 1, 10) || 'T00:00:00.000000Z'"
 # Idempotent on request_id only: INSERT OR IGNORE would also skip a row breaking NOT NULL, silently.
 # A record is bound as it is, its epoch time (parameter 2) made the stored text here, to the
-# microsecond: converting it in Python cost a third of a write.
-_MICROS = "CAST(round(?2 * 1000000) AS INTEGER)"
-_AT_TEXT = f"strftime('%Y-%m-%dT%H:%M:%S', {_MICROS} / 1000000, 'unixepoch') || printf('.%06dZ', {_MICROS} % 1000000)"
+# microsecond: converting it in Python cost a third of a write. Whole seconds and the fraction are
+# rounded apart, as datetime.fromtimestamp does: at today's epoch, time * 1e6 falls on a .5 tie often.
+_SECONDS = "CAST(?2 AS INTEGER)"
+_MICROS = f"CAST(round((?2 - {_SECONDS}) * 1000000) AS INTEGER)"  # 0..1000000: 1000000 carries
+_AT_TEXT = (
+    f"strftime('%Y-%m-%dT%H:%M:%S', {_SECONDS} + {_MICROS} / 1000000, 'unixepoch') "
+    f"|| printf('.%06dZ', {_MICROS} % 1000000)"
+)
 INSERT_USAGE = (
     f"INSERT INTO usage_records ({', '.join(FIELDS)}) "  # noqa: S608
     f"VALUES (?1, {_AT_TEXT}, {', '.join(f'?{i}' for i in range(3, len(FIELDS) + 1))}) "

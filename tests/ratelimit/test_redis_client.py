@@ -164,3 +164,48 @@ async def test_a_batch_that_timed_out_is_not_sent_again() -> None:
         await limiter.close()
         server.close()
         await server.wait_closed()
+
+
+def test_a_url_that_cannot_be_used_is_refused_at_load_without_quoting_it(tmp_path: Path) -> None:
+    from gateway.config.loader import ConfigError, load_config
+
+    for url in ("redis://:s3cr/et@127.0.0.1:6379/0", "redis://127.0.0.1:port/0"):
+        path = tmp_path / "gateway.yaml"
+        path.write_text(f'ratelimit:\n  backend: "{url}"\nroutes: []\n')
+        with pytest.raises(ConfigError) as e:
+            load_config(path)
+        assert str(e.value) == (
+            f"{path}:2: ratelimit.backend: not a usable Redis URL: check the port, and percent-encode the password"
+        )
+        with pytest.raises(ValueError) as v:
+            RedisLimiter(url, timeout=1.0)
+        assert str(v.value) == "not a usable Redis URL: check the port, and percent-encode the password"
+
+
+async def test_a_hit_after_close_fails_at_once(redis_url: str) -> None:
+    limiter = RedisLimiter(redis_url, timeout=2.0)
+    await decide(limiter, plan(unique_owner(), Limit("minute", 5, 60)))
+    await limiter.close()
+    with pytest.raises(LimiterUnavailable, match="closed"):
+        await asyncio.wait_for(limiter.hit(plan(unique_owner(), Limit("minute", 5, 60))), 1.0)  # type: ignore[arg-type]
+
+
+async def test_a_reply_of_the_wrong_shape_is_a_failure_not_a_hang() -> None:
+    """A server that answers every command, but not with what the script returns."""
+    async def wrong(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            for _ in range(data.count(b"\r\n*") + data.startswith(b"*")):
+                writer.write(b"*1\r\n:1\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(wrong, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    limiter = RedisLimiter(f"redis://127.0.0.1:{port}/0", timeout=2.0)
+    try:
+        with pytest.raises(LimiterUnavailable, match="unexpected reply"):
+            await asyncio.wait_for(limiter.hit(plan("o", Limit("minute", 5, 60))), 1.0)  # type: ignore[arg-type]
+    finally:
+        await limiter.close()
+        server.close()
+        await server.wait_closed()

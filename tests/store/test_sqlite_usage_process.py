@@ -37,9 +37,9 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 
 def child_pid(store: SQLiteStore) -> int:
-    proc = store._usage_process._proc if store._usage_process else None
-    assert proc is not None and proc.returncode is None, "no usage writer process"
-    return proc.pid
+    child = store._usage_process._child if store._usage_process else None
+    assert child is not None and child.alive, "no usage writer process"
+    return child.proc.pid
 
 
 async def test_batches_are_stored_by_a_child_process_that_does_not_preempt_the_loop(store: SQLiteStore) -> None:
@@ -99,18 +99,19 @@ async def test_close_lets_the_child_finish_what_it_was_sent(tmp_path: Path) -> N
     s = SQLiteStore(url)
     await s.open()
     await s.start_usage_writes()
-    proc = s._usage_process
-    assert proc is not None
+    writer = s._usage_process
+    assert writer is not None and writer._child is not None
+    child = writer._child
     pending = [asyncio.ensure_future(s.write_usage(records(i * 1000, 1000))) for i in range(5)]
     for _ in range(200):  # until all five are sent, none answered yet
-        if len(proc._pending) == 5:
+        if len(child.pending) == 5:
             break
         await asyncio.sleep(0)
-    assert len(proc._pending) == 5
+    assert len(child.pending) == 5
     await s.close()
     assert all(p.done() for p in pending)
     await asyncio.gather(*pending)  # every one acknowledged, none failed
-    assert proc._proc is None
+    assert writer._child is None and child.proc.returncode == 0
     again = SQLiteStore(url)
     await again.open()
     try:
@@ -153,3 +154,25 @@ async def test_a_bad_record_late_in_a_batch_leaves_none_of_it(store: SQLiteStore
     assert await store.count_usage() == 0
     await store.write_usage(records(0, 3 * CHUNK + 1))
     assert await store.count_usage() == 3 * CHUNK + 1
+
+
+async def test_stored_times_are_what_datetime_makes_of_them(store: SQLiteStore) -> None:
+    """The SQL conversion against datetime.fromtimestamp, over times like time.time()'s (at this
+    epoch, time * 1e6 often falls on a .5 tie, which the two must round alike)."""
+    import random
+    from datetime import UTC, datetime
+
+    from gateway.store.sqlite_worker import ts
+
+    rng = random.Random(7)
+    times = [T0 + rng.uniform(0, 86400 * 365) for _ in range(20_000)]
+    times += [T0 + 0.0000005, T0 + 0.9999995, T0 + 3599.9999999, T0 + 1e-7]
+    batch = [r._replace(at=t) for r, t in zip(records(0, len(times)), times, strict=True)]
+    await store.write_usage(batch)
+
+    def stored(conn: object) -> list[tuple[str, str]]:
+        return conn.execute("SELECT request_id, at FROM usage_records").fetchall()  # type: ignore[attr-defined]
+
+    got = dict(await store._run(stored))
+    wrong = [(r.at, got[r.request_id]) for r in batch if got[r.request_id] != ts(datetime.fromtimestamp(r.at, UTC))]
+    assert wrong == []
