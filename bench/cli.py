@@ -130,6 +130,8 @@ def run_scenario(
     proxy_cpus, load_cpus, both = layout
     upstream_port = upstream.port
     cpus = both if scen.spread else proxy_cpus
+    if scen.key_count != len(keys):
+        keys = key_table(scen.key_count)
     key = keys[len(keys) // 2]
     headers = {"X-API-Key": key}
     base = tmp / scen.name
@@ -149,6 +151,14 @@ def run_scenario(
     if scen.configure:
         scen.configure(setup)
     gw_headers = setup.gateway_headers or headers
+    scripts: dict[str, Path | None] = {report.ANCHOR: None, report.OURS: None}
+    if scen.rotate:
+        if not setup.gateway_keys:
+            raise BenchError(f"{scen.name}: rotating keys, but its configure hook made none for the gateway")
+        scripts = {
+            report.ANCHOR: wrk.rotation_script(logs, report.ANCHOR, keys),
+            report.OURS: wrk.rotation_script(logs, report.OURS, setup.gateway_keys),
+        }
     gw = gateway.start_gateway(procs, base / "gateway", config, scen.workers, cpus, source=args.source)
     targets = [Target(report.ANCHOR, anchor, anchor_port), Target(report.OURS, gw, gw_port)]
 
@@ -163,6 +173,7 @@ def run_scenario(
             warm = measure(
                 procs, t, THROUGHPUT, path=scen.path, duration=WARMUP_SECONDS, headers=hdrs,
                 load_cpus=load_cpus, log=logs / f"warmup-{t.name}.txt", helpers=[upstream.proc],
+                script=scripts[t.name],
             )
             if warm["errors"]:
                 print(f"  warm-up {t.name}: {warm['errors']} failed requests", flush=True)
@@ -177,6 +188,7 @@ def run_scenario(
                         procs, t, mode, path=scen.path, duration=args.duration,
                         headers=gw_headers if t.name == report.OURS else headers,
                         load_cpus=load_cpus, log=logs / f"{rnd}-{mode}-{t.name}.txt", helpers=[upstream.proc],
+                        script=scripts[t.name],
                     )
                     r["round"] = rnd
                     runs[t.name][mode].append(r)

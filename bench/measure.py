@@ -26,7 +26,7 @@ class Target:
 
 def measure(
     procs: Procs, target: Target, mode: str, *, path: str, duration: float, headers: dict[str, str],
-    load_cpus: Sequence[int] | None, log: Path, helpers: Sequence[Proc] = (),
+    load_cpus: Sequence[int] | None, log: Path, helpers: Sequence[Proc] = (), script: Path | None = None,
 ) -> dict[str, Any]:
     """`helpers` (the upstream...) are left out of the background-load figure along with the target."""
     target.proc.check_alive()
@@ -36,7 +36,7 @@ def measure(
     meter.start()
     res = wrk.run(
         procs, f"http://127.0.0.1:{target.port}{path}", connections=CONNECTIONS[mode],
-        duration=duration, headers=headers, cpus=load_cpus, log=log,
+        duration=duration, headers=headers, cpus=load_cpus, log=log, script=script,
     )
     cpu_s, warnings = meter.stop()
     background = foreign.stop()

@@ -38,6 +38,7 @@ class Setup:
     load_cpus: list[int] | None
     source: Path | None = None  # where the gateway package is imported from
     gateway_headers: dict[str, str] | None = None  # what wrk sends the gateway, when not the anchor's
+    gateway_keys: list[str] | None = None  # with Scenario.rotate: the gateway's keys, in turn
 
     @property
     def route(self) -> dict[str, Any]:
@@ -55,6 +56,8 @@ class Scenario:
     configure: Callable[[Setup], None] | None = None
     anchor: str = ""  # extra directives for the nginx anchor's proxying location
     note: str = ""
+    key_count: int = KEY_COUNT  # keys in the anchor's map (and made in the gateway's store by `configure`)
+    rotate: bool = False  # each request carries the next key (a wrk script), not the same one
 
 
 SCENARIOS: list[Scenario] = [
@@ -108,6 +111,47 @@ def real_keys(setup: Setup, backend: str = "memory://") -> None:
     setup.gateway_headers = {"X-API-Key": json.loads(out.stdout)["key"]}
 
 
+MAKE_KEYS = """
+import asyncio, json, sys
+from gateway.config.loader import load_config
+from gateway.services import Services
+
+async def main(config, count, out):
+    services = await Services.open(load_config(config))
+    try:
+        keys = [(await services.keys.create("bench", scopes=["bench:read"]))[1] for _ in range(count)]
+    finally:
+        await services.close()
+    with open(out, "w") as f:
+        f.write("\\n".join(keys) + "\\n")
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+"""
+
+
+def many_keys(setup: Setup, cache_ttl: str | None = None) -> None:
+    """As real_keys, with as many keys in the store as the anchor's map holds, each request carrying
+    the next: made in one process through the gateway's own key service (about 0.3 ms a key)."""
+    import subprocess
+    import sys
+    import time
+
+    from bench.gateway import gateway_env, write_config
+
+    real_keys(setup)
+    if cache_ttl is not None:
+        setup.config["keys"]["cache_ttl"] = cache_ttl
+    path = write_config(setup.workdir, setup.config)
+    out = setup.workdir / "keys.txt"
+    env = gateway_env(setup.source) if setup.source else None
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", MAKE_KEYS, str(path), str(len(setup.keys)), str(out)],
+                   cwd=setup.workdir, env=env, check=True)
+    setup.gateway_keys = out.read_text().split()
+    print(f"  made {len(setup.gateway_keys):,} keys in the gateway's store in {time.monotonic() - started:.0f} s",
+          flush=True)
+
+
 def real_keys_redis(setup: Setup) -> None:
     """As real_keys, with the limits in a Redis started for the run (on the load CPUs)."""
     from bench.procs import free_port, wait_port
@@ -134,6 +178,27 @@ SCENARIOS += [
         description="as keys, with the 3 limits in Redis (one Lua script per request, one pipeline per tick)",
         configure=real_keys_redis,
         note="Redis on the load CPUs, beside wrk and the upstream",
+    ),
+]
+
+SCENARIOS += [
+    Scenario(
+        name="keys_uncached",
+        description="as keys, 1,000 keys in turn and keys.cache_ttl 0: every request reads its key from the store",
+        configure=lambda setup: many_keys(setup, cache_ttl="0s"),
+        rotate=True,
+        note="the nginx anchor has its map in memory: there is no store to read",
+    ),
+    Scenario(
+        name="keys_100k",
+        description="as keys, 100,000 keys in the store and in the anchor's map, each request with the next",
+        configure=many_keys,
+        key_count=100_000,
+        rotate=True,
+        note=(
+            "each key comes round every few seconds: the first pass and every expiry of a cached key "
+            "(keys.cache_ttl, 30 s) read the store"
+        ),
     ),
 ]
 
