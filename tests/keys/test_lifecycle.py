@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
+import pytest
+
 from gateway.clock import FakeClock
 from tests.helpers.gateway import RunningGateway
 from tests.helpers.upstream import RecordingUpstream
@@ -234,3 +236,34 @@ async def test_a_change_interleaved_with_a_revoke_does_not_undo_it(gw: RunningGa
     assert (await gw.services.keys.get(rec.id)).status == "revoked"
     problem(await call(gw, "GET", "/any/x", bearer(key)), 401, "invalid_api_key")
     assert await status(gw, new_raw) == 200
+
+
+async def test_last_used_of_many_keys_is_written_in_chunks_and_a_failed_chunk_is_kept(
+    gw: RunningGateway, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written a chunk at a time, so neither the event loop nor the store's thread is held long."""
+    from gateway.services import TOUCH_CHUNK
+    from gateway.store import StoreUnavailable
+
+    recs = [(await new_key(gw))[0] for _ in range(3)]
+    services = gw.services
+    now = clock.time()
+    ids = [r.id for r in recs] + [f"key_absent{i:05d}" for i in range(2 * TOUCH_CHUNK)]  # 2 chunks + 3
+    services.key_auth.last_used = dict.fromkeys(ids, now)
+    store = services.store
+    real_touch = store.touch
+    chunks: list[int] = []
+
+    async def touch(batch: dict[str, datetime]) -> None:
+        chunks.append(len(batch))
+        if len(chunks) == 2:
+            raise StoreUnavailable("down for a moment")
+        await real_touch(batch)
+
+    monkeypatch.setattr(store, "touch", touch)
+    await services.flush_last_used()
+    assert chunks == [TOUCH_CHUNK, TOUCH_CHUNK]
+    assert sorted(services.key_auth.last_used) == sorted(ids[TOUCH_CHUNK:])  # kept for the next try
+    assert (await services.keys.get(recs[0].id)).last_used_at == datetime.fromtimestamp(now, UTC)  # type: ignore[union-attr]
+    await services.flush_last_used()
+    assert chunks == [TOUCH_CHUNK, TOUCH_CHUNK, TOUCH_CHUNK, 3] and not services.key_auth.last_used
