@@ -69,6 +69,9 @@ class SQLiteStore(SQLiteKeys, SQLiteUsage, KeyStore, UsageStore):
         try:
             await loop.run_in_executor(self._executor, self._connect)
             self.migrations_applied = await self.migrate()
+            if self.path != MEMORY:
+                self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite-read")
+                await loop.run_in_executor(self._reader, self._connect_reader)
         except BaseException:
             await self.close()
             raise
@@ -81,10 +84,19 @@ class SQLiteStore(SQLiteKeys, SQLiteUsage, KeyStore, UsageStore):
                 raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
         self._conn = open_connection(self.path, self.busy_timeout)
 
+    def _connect_reader(self) -> None:
+        conn = open_connection(self.path, self.busy_timeout)
+        conn.execute("PRAGMA query_only = ON")
+        self._reader_conn = conn
+
     async def close(self) -> None:
         if self._usage_process is not None:
             await self._usage_process.close()
             self._usage_process = None
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await asyncio.get_running_loop().run_in_executor(reader, self._disconnect, "_reader_conn")
+            reader.shutdown(wait=False)
         executor = self._executor
         if executor is None:
             return
@@ -95,8 +107,9 @@ class SQLiteStore(SQLiteKeys, SQLiteUsage, KeyStore, UsageStore):
             self._executor = None
             executor.shutdown(wait=False)
 
-    def _disconnect(self) -> None:
-        conn, self._conn = self._conn, None
+    def _disconnect(self, which: str = "_conn") -> None:
+        conn = getattr(self, which)
+        setattr(self, which, None)
         if conn is not None:
             try:
                 conn.close()

@@ -61,7 +61,7 @@ class SQLiteKeys(SQLiteWorker):
             row = conn.execute(sql, wanted).fetchone()
             return _key_from_row(row) if row is not None else None
 
-        return await self._run(find)
+        return await self._read(find)
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
         def get(conn: sqlite3.Connection) -> KeyRecord | None:

@@ -33,16 +33,29 @@ class SQLiteWorker:
     busy_timeout: float
     _executor: ThreadPoolExecutor | None
     _conn: sqlite3.Connection | None  # used only on the executor's thread
+    _reader: ThreadPoolExecutor | None = None  # key lookups (file databases only)
+    _reader_conn: sqlite3.Connection | None = None  # used only on the reader's thread
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         executor = self._executor
         if executor is None:
             raise StoreUnavailable("the SQLite store is not open")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self._call, fn)
+        return await loop.run_in_executor(executor, self._call, fn, "_conn")
 
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._conn
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A read on the data path (a key lookup) on its own connection and thread: never queued
+        behind a write that waits for the write lock. Another process (the usage writer) may hold it,
+        and SQLite's busy wait sleeps in steps of up to 100 ms. An in-memory database has one
+        connection only."""
+        executor = self._reader
+        if executor is None:
+            return await self._run(fn)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, self._call, fn, "_reader_conn")
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T], which: str) -> T:
+        conn = getattr(self, which)
         if conn is None:
             raise StoreUnavailable("the SQLite store is not open")
         try:

@@ -176,3 +176,31 @@ async def test_stored_times_are_what_datetime_makes_of_them(store: SQLiteStore) 
     got = dict(await store._run(stored))
     wrong = [(r.at, got[r.request_id]) for r in batch if got[r.request_id] != ts(datetime.fromtimestamp(r.at, UTC))]
     assert wrong == []
+
+
+async def test_a_key_lookup_never_waits_behind_a_write_waiting_for_the_lock(store: SQLiteStore) -> None:
+    """Another process (here a plain connection) holds the write lock; the store's own write waits
+    for it in SQLite's busy handler, which sleeps up to 100 ms at a time. Lookups have their own
+    connection and thread: they answer at once meanwhile."""
+    import sqlite3
+    import time
+    from datetime import UTC, datetime
+
+    from tests.store.test_key_store import audit, make_key
+
+    record = make_key("k1", 1)
+    await store.insert_key(record, audit("created", "k1"))
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        touch = asyncio.ensure_future(store.touch({"k1": datetime.now(UTC)}))
+        await asyncio.sleep(0.05)
+        assert not touch.done(), "the write should be waiting for the lock"
+        started = time.monotonic()
+        found = await store.find_by_digests([record.digest])
+        assert found is not None and found.id == "k1"
+        assert time.monotonic() - started < 0.05
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    await touch
