@@ -42,6 +42,31 @@ async def test_positive_entries_expire_after_cache_ttl(start: Start, clock: Fake
     assert calls["find_by_digests"] == 2
 
 
+async def test_a_refreshed_key_keeps_its_entry_unless_it_changed(start: Start, clock: FakeClock) -> None:
+    """Unchanged (the last-used time aside), the cached entry is kept: no new long-lived objects per
+    key and TTL. A change made elsewhere (here straight in the store) is picked up with a new one."""
+    from datetime import UTC, datetime
+
+    gw = await start(keys={"cache_ttl": "10s"})
+    rec, key = await new_key(gw, scopes=["orders:read"])
+    cache = gw.services.cache
+    assert (await call(gw, "GET", "/any/x", bearer(key))).status == 200
+    [first] = [e for e in cache.positive.values() if e.record.id == rec.id]
+    await gw.services.store.touch({rec.id: datetime.now(UTC)})
+    clock.advance(10)
+    assert (await call(gw, "GET", "/any/x", bearer(key))).status == 200
+    [second] = [e for e in cache.positive.values() if e.record.id == rec.id]
+    assert second is first and second.fetched == clock.time()
+    stored = await gw.services.store.get_key(rec.id)
+    assert stored is not None
+    stored.scopes = ["orders:read", "orders:write"]
+    await gw.services.store.update_key(stored, None)  # as another process would: no local invalidation
+    clock.advance(10)
+    assert (await call(gw, "GET", "/any/x", bearer(key))).status == 200
+    [third] = [e for e in cache.positive.values() if e.record.id == rec.id]
+    assert third is not first and third.granted == {"orders:read", "orders:write"}
+
+
 def test_cache_ttl_is_capped_at_30s() -> None:
     from pydantic import ValidationError
 
