@@ -1,8 +1,9 @@
 """The Redis limiter (`redis://`): one Lua script per request, coalesced into one pipeline per tick.
 
 Concurrent requests in the same event-loop tick share one round trip: each `hit` queues its script
-call, and a single flush writes them all at once on one pipelined connection (`resp.py`). The script reads Redis's TIME, so replicas'
-clocks never matter, and every key expires a little after its window.
+call, and a single flush writes them all at once on one pipelined connection (`resp.py`). The
+script reads Redis's TIME, so replicas' clocks never matter, and every key expires a little after
+its window.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from importlib.resources import files
-from typing import Any
 
 import hiredis
 
@@ -28,16 +29,16 @@ Entry = tuple[Counters, int, "asyncio.Future[Decision]", bool]
 
 
 class _Batch(Waiter):
-    __slots__ = ("entries",)
+    __slots__ = ("entries", "timer")
 
-    def __init__(self, entries: list[Entry], done: Any) -> None:
+    def __init__(self, entries: list[Entry], done: Callable[[Waiter, BaseException | None], None]) -> None:
         super().__init__(len(entries), done)
         self.entries = entries
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class RedisLimiter(Limiter):
     def __init__(self, url: str, timeout: float, now_ms: int = 0) -> None:
-        self.url = url
         self.endpoint = endpoint(url)  # ValueError here, at startup, for a URL that cannot be used
         self.sha = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
         self.timeout = timeout
@@ -111,20 +112,20 @@ class RedisLimiter(Limiter):
         conn.send(blob, batch)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        batch.timer = loop.call_at(deadline, self._expired, conn, batch, deadline)
+        batch.timer = loop.call_at(deadline, self._expired, conn, batch, deadline, True)
 
-    def _expired(self, conn: RespConnection, batch: _Batch, deadline: float) -> None:
+    def _expired(self, conn: RespConnection, batch: _Batch, deadline: float, first: bool) -> None:
         loop = asyncio.get_running_loop()
-        if batch.timer is not None and loop.time() - deadline > LATE:
+        if first and loop.time() - deadline > LATE:
             # This loop woke up late: it was busy elsewhere (or starved of CPU) while the reply may
             # have come in time. That time was not Redis's: one more timeout from now.
-            batch.timer = None
-            loop.call_later(self.timeout, self._expired, conn, batch, deadline)
+            batch.timer = loop.call_later(self.timeout, self._expired, conn, batch, deadline, False)
             return
         if batch in conn.pending:
             conn.abort(TimeoutError())  # every batch still due on it fails: the stream is out of step
 
-    def _done(self, batch: _Batch, err: BaseException | None) -> None:
+    def _done(self, batch: Waiter, err: BaseException | None) -> None:
+        assert isinstance(batch, _Batch)
         if batch.timer is not None:
             batch.timer.cancel()
         if err is not None:
@@ -154,7 +155,7 @@ class RedisLimiter(Limiter):
         batch again, once, on a new connection. Not when a reply came (the commands ran: they would
         count twice) nor after a timeout (a slow Redis may still run them): the policy applies."""
         if batch.replies or isinstance(err, TimeoutError) or self._closed:
-            self._fail([e for e in batch.entries], LimiterUnavailable(f"redis: {type(err).__name__}"))
+            self._fail(batch.entries, LimiterUnavailable(f"redis: {type(err).__name__}"))
             return
         fresh = [(c, cost, fut, True) for c, cost, fut, sent_before in batch.entries if not sent_before]
         self._fail([e for e in batch.entries if e[3]], LimiterUnavailable(f"redis: {type(err).__name__}"))

@@ -35,13 +35,12 @@ def command(*args: object) -> bytes:
 class Waiter:
     """Replies due to one write, in order; `done` is called once with all of them or with an error."""
 
-    __slots__ = ("done", "expected", "replies", "timer")
+    __slots__ = ("done", "expected", "replies")
 
     def __init__(self, expected: int, done: Callable[[Waiter, BaseException | None], None]) -> None:
         self.expected = expected
         self.replies: list[Any] = []
         self.done = done
-        self.timer: asyncio.TimerHandle | None = None
 
 
 class RespConnection(asyncio.Protocol):

@@ -110,9 +110,10 @@ class UsageStore(ABC):
 
     @abstractmethod
     async def write_usage(self, records: list[UsageRecord]) -> None:
-        """Store a batch in one transaction, off the event loop's critical path (a child process for
-        SQLite, COPY for PostgreSQL). Idempotent: a record whose request_id is stored already is skipped, so
-        replaying a batch after a crash never doubles it. Raise StoreUnavailable on failure."""
+        """Store a batch in one transaction, off the event loop's critical path (a child process
+        for SQLite, COPY for PostgreSQL). Idempotent: a record whose request_id is stored already is
+        skipped, so replaying a batch after a crash never doubles it. Raise StoreUnavailable on
+        failure."""
 
     @abstractmethod
     async def usage_report(

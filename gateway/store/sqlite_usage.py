@@ -35,22 +35,22 @@ class SQLiteUsage(SQLiteWorker):
 
     _usage_process: UsageProcess | None = None
 
-    async def start_usage_writes(self) -> None:
+    def _usage_writer(self) -> UsageProcess:
         # Batches go to a child process: a writer thread here, however little of the GIL it took,
-        # stalled the event loop for milliseconds per batch (bench/usage_micro.py). An in-memory
-        # database cannot be shared with another process: it keeps the thread.
-        if self.path != MEMORY:
-            if self._usage_process is None:
-                self._usage_process = UsageProcess(self.path, self.busy_timeout)
-            await self._usage_process.start()
+        # stalled the event loop for milliseconds per batch (bench/usage_micro.py).
+        if self._usage_process is None:
+            self._usage_process = UsageProcess(self.path, self.busy_timeout)
+        return self._usage_process
+
+    async def start_usage_writes(self) -> None:
+        if self.path != MEMORY:  # an in-memory database cannot be shared with another process
+            await self._usage_writer().start()
 
     async def write_usage(self, records: list[UsageRecord]) -> None:
         if not records:
             return
         if self.path != MEMORY:
-            await self.start_usage_writes()
-            assert self._usage_process is not None
-            await self._usage_process.write(records)
+            await self._usage_writer().write(records)  # starts the child if need be
             return
         path = self.path
         await self._run(lambda conn: write_records(conn, records, path))
@@ -118,19 +118,20 @@ class SQLiteUsage(SQLiteWorker):
 CHUNK = 100  # records: about a millisecond of inserting
 
 
+def _no_pause() -> None:
+    return None
+
+
 def write_records(
-    conn: sqlite3.Connection, records: list[UsageRecord], path: str, pause: Callable[[], None] | None = None
+    conn: sqlite3.Connection, records: list[UsageRecord], path: str, pause: Callable[[], None] = _no_pause
 ) -> None:
-    """One batch in one transaction; runs on the store's thread or in the usage writer process.
-    `pause`, if given, is called between chunks of CHUNK records."""
+    """One batch in one transaction; runs on the store's thread or in the usage writer process,
+    which passes a `pause` to call between chunks of CHUNK records."""
     try:
         with write_transaction(conn):
-            if pause is None:
-                conn.executemany(INSERT_USAGE, records)
-            else:
-                for i in range(0, len(records), CHUNK):
-                    conn.executemany(INSERT_USAGE, records[i : i + CHUNK])
-                    pause()
+            for i in range(0, len(records), CHUNK):
+                conn.executemany(INSERT_USAGE, records[i : i + CHUNK])
+                pause()
             conn.executemany(MARK_USAGE, _marks(records))
     except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
         # Only the kind of error: the message could quote a record.

@@ -13,7 +13,6 @@ from gateway.usage.record import FIELDS
 # A bucket is the text of its start: the hour or day prefix of a timestamp, completed with zeros.
 _HOUR_OF = "substr({}, 1, 13) || ':00:00.000000Z'"
 _DAY_OF = "substr({}, 1, 10) || 'T00:00:00.000000Z'"
-# Idempotent on request_id only: INSERT OR IGNORE would also skip a row breaking NOT NULL, silently.
 # A record is bound as it is, its epoch time (parameter 2) made the stored text here, to the
 # microsecond: converting it in Python cost a third of a write. Whole seconds and the fraction are
 # rounded apart, as datetime.fromtimestamp does: at today's epoch, time * 1e6 falls on a .5 tie often.
@@ -23,6 +22,7 @@ _AT_TEXT = (
     f"strftime('%Y-%m-%dT%H:%M:%S', {_SECONDS} + {_MICROS} / 1000000, 'unixepoch') "
     f"|| printf('.%06dZ', {_MICROS} % 1000000)"
 )
+# Idempotent on request_id only: INSERT OR IGNORE would also skip a row breaking NOT NULL, silently.
 INSERT_USAGE = (
     f"INSERT INTO usage_records ({', '.join(FIELDS)}) "  # noqa: S608
     f"VALUES (?1, {_AT_TEXT}, {', '.join(f'?{i}' for i in range(3, len(FIELDS) + 1))}) "

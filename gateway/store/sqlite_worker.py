@@ -107,7 +107,6 @@ def _wal(conn: sqlite3.Connection, patience: float) -> None:
             time.sleep(0.02)
 
 
-
 @contextmanager
 def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """One write transaction, taking the write lock up front: all of it is committed or none."""
