@@ -81,25 +81,38 @@ def request_head(
     return b"".join(lines)
 
 
+# What an upstream response header needs besides copying: the framing the gateway redoes, and every
+# name that is never passed on.
+_RESPONSE_SPECIAL = HOP_BY_HOP | RESERVED_RESPONSE
+
+
 def response_headers(
-    raw: list[tuple[bytes, bytes]], drop_upgrade: bool
+    raw: list[tuple[bytes, bytes]], drop_upgrade: bool, tokens: frozenset[bytes] = frozenset()
 ) -> tuple[list[bytes], bytes | None, bool]:
-    """Filter an upstream response's headers; return (header lines, content-length, chunked)."""
-    tokens = connection_tokens([(n.lower(), v) for n, v in raw if len(n) == 10])
+    """Filter an upstream response's headers; return (header lines, content-length, chunked).
+
+    One pass in the common case. The names a Connection line lists are dropped too, and they are
+    known only at its end: when it lists any name not dropped anyway, a second pass drops them.
+    """
     out: list[bytes] = []
     length: bytes | None = None
     chunked = False
+    listed: list[bytes] | None = None
     for name, value in raw:
         low = name.lower()
-        if low == b"content-length":
-            length = value
-            continue
-        if low == b"transfer-encoding":
-            chunked = True
-            continue
-        if low in HOP_BY_HOP or low in tokens or low in RESERVED_RESPONSE:
-            if not drop_upgrade and low in (b"upgrade", b"connection"):
+        if low in _RESPONSE_SPECIAL or low in tokens:
+            if low == b"content-length":
+                length = value
+            elif low == b"transfer-encoding":
+                chunked = True
+            elif not drop_upgrade and low in (b"upgrade", b"connection"):
                 out += (name, b": ", value, b"\r\n")
+            if low == b"connection":
+                listed = [*listed, value] if listed else [value]
             continue
         out += (name, b": ", value, b"\r\n")
+    if listed and not tokens:
+        extra = connection_tokens([(b"connection", v) for v in listed]) - _RESPONSE_SPECIAL
+        if extra:
+            return response_headers(raw, drop_upgrade, extra)
     return out, length, chunked

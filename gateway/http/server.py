@@ -405,11 +405,11 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(b"".join([b"HTTP/1.1 %d " % status, why, b"\r\n", *lines, b"\r\n"]))
 
     def start_response(
-        self, ex: Exchange, status: int, why: bytes, headers: list[tuple[bytes, bytes]], upgrade: bool
+        self, ex: Exchange, status: int, why: bytes, lines: list[bytes], length: bytes | None, upgrade: bool
     ) -> None:
+        """`lines` are the upstream's header lines as filtered by `response_headers`."""
         if ex is not self.active:
             return
-        lines, length, _ = response_headers(headers, drop_upgrade=not upgrade)
         ex.status = ex.upstream_status = status
         ex.response_started = True
         if self.server.draining:

@@ -14,6 +14,7 @@ import httptools
 
 from gateway.errors import GatewayError
 from gateway.http.exchange import BODY_CHUNKED, Exchange
+from gateway.http.heads import response_headers
 
 if TYPE_CHECKING:
     from gateway.http.server import ClientConnection
@@ -202,26 +203,22 @@ class UpstreamConnection(asyncio.Protocol):
             if not ex.upgrade:
                 raise httptools.HttpParserError("unsolicited 101")
             self.reusable = False
-            client.start_response(ex, status, self.reason, self.headers, upgrade=True)
+            lines, length, _ = response_headers(self.headers, drop_upgrade=False)
+            client.start_response(ex, status, self.reason, lines, length, upgrade=True)
             return
+        lines, length, chunked = response_headers(self.headers, drop_upgrade=True)
         no_body = self.skip_body or status in (204, 304)
-        if not no_body and not self._has_framing():
+        if not no_body and length is None and not chunked:
             self.eof_body = True
             self.reusable = False
         if not self.parser.should_keep_alive():
             self.reusable = False
-        client.start_response(ex, status, self.reason, self.headers, upgrade=False)
+        client.start_response(ex, status, self.reason, lines, length, upgrade=False)
         if self.skip_body:
             # llhttp cannot be told a response answers HEAD: end the exchange here, and give the
             # next request a fresh parser; a body byte from the old one would be an anomaly.
             self.ex = self.client = None
             self._finish(ex, client)
-
-    def _has_framing(self) -> bool:
-        for name, _ in self.headers:
-            if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
-                return True
-        return False
 
     def on_body(self, chunk: bytes) -> None:
         if self.client is None or self.ex is None:
