@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import gateway, nginx, report, wrk
 from bench.measure import LATENCY, THROUGHPUT, Target, measure
-from bench.procs import BenchError, Procs, free_port, http_get
+from bench.procs import BenchError, Procs, free_port, http_get, wait_port
 from bench.scenarios import BY_NAME, SCENARIOS, Scenario, Setup, key_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -161,6 +161,15 @@ def run_scenario(
         }
     gw = gateway.start_gateway(procs, base / "gateway", config, scen.workers, cpus, source=args.source)
     targets = [Target(report.ANCHOR, anchor, anchor_port), Target(report.OURS, gw, gw_port)]
+    if scen.floor:
+        floor_port = free_port()
+        floor = procs.start(
+            report.FLOOR, [sys.executable, "-m", "bench.floor_proxy", str(floor_port), str(upstream_port)],
+            cpus=cpus, log=base / "floor.log", cwd=gateway.REPO, env=gateway.gateway_env(),
+        )
+        wait_port(floor, floor_port)
+        targets.append(Target(report.FLOOR, floor, floor_port))
+        scripts[report.FLOOR] = None
 
     try:
         expect = nginx.BIG_SIZE if scen.path == nginx.BIG_PATH else 2
@@ -203,7 +212,8 @@ def run_scenario(
                         flush=True,
                     )
     finally:
-        procs.stop(gw)
+        for t in targets[1:]:
+            procs.stop(t.proc)
         procs.stop(anchor)
     gw_log = (base / "gateway" / "gateway.log").read_text(errors="replace")
     problems = [ln for ln in gw_log.splitlines() if " ERROR " in ln or " WARNING " in ln or "Traceback" in ln]

@@ -11,6 +11,7 @@ from bench.measure import LATENCY, THROUGHPUT
 
 ANCHOR = "nginx"
 OURS = "gateway"
+FLOOR = "floor"  # bench/floor_proxy.py: sockets, event loop and the least Python, no features
 DASH = "\u2013"  # en dash, for ranges
 TIMES = "\u00d7"
 BACKGROUND_NOTE = 0.1  # CPUs of load from outside the benchmark worth a note under the table
@@ -108,6 +109,12 @@ def markdown(doc: dict[str, Any]) -> str:
             )
         if scen.get("note"):
             notes.append(f"{sname}: {scen['note']}")
+        if FLOOR in scen["summary"]:
+            notes.append(
+                f"{sname}: `{FLOOR}` is bench/floor_proxy.py, a bare llhttp proxy on uvloop with a pooled upstream "
+                "and no features at all (no routing, key, limit, header hygiene, metrics or usage record): "
+                "what any Python proxy pays here for the sockets and the event loop"
+            )
         if scen.get("path") != "/":
             mib = ", ".join(
                 f"{p} {_num(s['read_mib_s']['median'])} MiB/s" for p, s in scen["summary"].items() if s["read_mib_s"]

@@ -58,12 +58,14 @@ class Scenario:
     note: str = ""
     key_count: int = KEY_COUNT  # keys in the anchor's map (and made in the gateway's store by `configure`)
     rotate: bool = False  # each request carries the next key (a wrk script), not the same one
+    floor: bool = False  # also measure bench/floor_proxy.py: the least a Python proxy does per request
 
 
 SCENARIOS: list[Scenario] = [
     Scenario(
         name="plain",
         description="tiny GET (2-byte body)",
+        floor=True,
     ),
     Scenario(
         name="stream_1mib",
