@@ -106,7 +106,12 @@ class RedisLimiter(Limiter):
         if self._reload:
             self._reload = False
             conn.send(self._load, Waiter(1, self._prelude_done))
-        blob = b"".join([self._encode(counters, cost) for counters, cost, _, _ in entries])
+        blobs, encode = self._blobs, self._encode
+        parts = []
+        for counters, cost, _, _ in entries:
+            cached = blobs.get(id(counters)) if cost == 1 else None  # the common case without a call
+            parts.append(cached[1] if cached is not None and cached[0] is counters else encode(counters, cost))
+        blob = b"".join(parts)
         batch = _Batch(entries, self._done)
         self.round_trips += 1
         conn.send(blob, batch)
@@ -132,8 +137,23 @@ class RedisLimiter(Limiter):
             self._lost(batch, err)
             return
         again: list[Entry] = []
-        for entry, reply in zip(batch.entries, batch.replies, strict=True):
-            counters, cost, fut, sent_before = entry
+        for (counters, cost, fut, sent_before), reply in zip(batch.entries, batch.replies, strict=True):
+            if type(reply) is list:
+                # The common case, inline: the script's reply is allowed, then remaining, reset and
+                # retry (ms) per counter.
+                try:
+                    outcomes = []
+                    i = 2
+                    for _, limit in counters:
+                        outcomes.append(Outcome(limit, reply[i], reply[i + 1] / 1000, reply[i + 2] / 1000))
+                        i += 3
+                    fut.set_result(Decision(reply[0] == 1, outcomes))
+                except asyncio.InvalidStateError:
+                    pass  # the caller went away (its future was cancelled)
+                except (TypeError, IndexError):  # not the script's reply shape: never a hang
+                    if not fut.done():
+                        fut.set_exception(LimiterUnavailable("redis: unexpected reply"))
+                continue
             if fut.done():
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -142,10 +162,7 @@ class RedisLimiter(Limiter):
                     continue
                 fut.set_exception(LimiterUnavailable(f"redis: {str(reply).split(' ', 1)[0]}"))
                 continue
-            try:
-                fut.set_result(_decision(counters, reply))
-            except (TypeError, ValueError, IndexError):  # not the script's reply shape: never a hang
-                fut.set_exception(LimiterUnavailable("redis: unexpected reply"))
+            fut.set_exception(LimiterUnavailable("redis: unexpected reply"))
         if again:
             self._reload = True
             self._requeue(again)
@@ -207,16 +224,6 @@ class RedisLimiter(Limiter):
             self._conn.close()
         self._fail(self._queue, LimiterUnavailable("redis: limiter closed"))
         self._queue = []
-
-
-def _decision(counters: Counters, result: list[int]) -> Decision:
-    """The script's reply: allowed, then remaining, reset and retry (ms) per counter."""
-    outcomes = []
-    i = 2
-    for _, limit in counters:
-        outcomes.append(Outcome(limit, result[i], result[i + 1] / 1000, result[i + 2] / 1000))
-        i += 3
-    return Decision(result[0] == 1, outcomes)
 
 
 def _consume(task: asyncio.Task[None]) -> None:

@@ -63,15 +63,17 @@ class RespConnection(asyncio.Protocol):
         reader = self.reader
         reader.feed(data)
         pending = self.pending
+        waiter = pending[0] if pending else None
         try:
             while (reply := reader.gets()) is not False:
-                if not pending:
+                if waiter is None:
                     raise hiredis.ProtocolError("a reply nobody asked for")
-                waiter = pending[0]
-                waiter.replies.append(reply)
-                if len(waiter.replies) == waiter.expected:
+                replies = waiter.replies
+                replies.append(reply)
+                if len(replies) == waiter.expected:
                     pending.popleft()
                     waiter.done(waiter, None)
+                    waiter = pending[0] if pending else None
         except hiredis.ProtocolError as e:
             self.abort(e)
 

@@ -209,3 +209,20 @@ async def test_a_reply_of_the_wrong_shape_is_a_failure_not_a_hang() -> None:
         await limiter.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_caller_that_went_away_does_not_disturb_the_rest_of_its_batch(redis_url: str) -> None:
+    limiter = RedisLimiter(redis_url, timeout=2.0)
+    owner = unique_owner()
+    counters = plan(owner, Limit("minute", 10, 60))
+    try:
+        futures = [limiter.hit(counters) for _ in range(3)]
+        futures[1].cancel()  # type: ignore[union-attr]  # a client that disconnected mid-request
+        # Bounded: a reply handler that broke on the cancelled one would leave the others waiting forever.
+        first, third = await asyncio.wait_for(asyncio.gather(futures[0], futures[2]), 5)  # type: ignore[arg-type]
+        assert isinstance(first, Decision) and isinstance(third, Decision)
+        # The cancelled call still ran in Redis (it was sent): it counts, as a request that reached us does.
+        assert [first.outcomes[0].remaining, third.outcomes[0].remaining] == [9, 7]
+        assert (await decide(limiter, counters)).outcomes[0].remaining == 6
+    finally:
+        await limiter.close()
