@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -113,6 +114,12 @@ class Gateway:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         await self.start()
+        # What start-up made (modules, config, routes, the metrics registry, pools) lives as long as
+        # the process: moved out of the collector's sight, a full collection walks only what serving
+        # made since. Walking it took about 7 ms, a loop stall of its own; frozen in each worker, after
+        # any fork, so the parent's copy-on-write pages stay shared too.
+        gc.collect()
+        gc.freeze()
         if self.ready_fd is not None:  # the supervisor reports ready only when every worker listens
             os.write(self.ready_fd, b"1")
             os.close(self.ready_fd)
