@@ -116,8 +116,8 @@ class Gateway:
         await self.start()
         # What start-up made (modules, config, routes, the metrics registry, pools) lives as long as
         # the process: moved out of the collector's sight, a full collection walks only what serving
-        # made since. Walking it took about 7 ms, a loop stall of its own; frozen in each worker, after
-        # any fork, so the parent's copy-on-write pages stay shared too.
+        # made since. Walking it took about 7 ms, a loop stall of its own. Done here, in each serving
+        # process, because a worker opens its own services after the fork.
         gc.collect()
         gc.freeze()
         if self.ready_fd is not None:  # the supervisor reports ready only when every worker listens
