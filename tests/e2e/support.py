@@ -8,29 +8,16 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tests.helpers.net import free_port
+from tests.helpers.processes import http_get, stop_process, wait_ready
 
 SERVERS = Path(__file__).with_name("servers.py")
 START_TIMEOUT = 30.0
-
-
-def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-    """Signal a process, wait for it, kill it if it lingers; return its exit code."""
-    if proc.poll() is None:
-        try:
-            proc.send_signal(sig)
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait()
 
 
 def rss_bytes(pid: int) -> int:
@@ -107,15 +94,6 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """A blocking GET that returns (status, body) for every status; raises OSError when unreachable."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 class _PlainDumper(yaml.SafeDumper):
@@ -208,18 +186,7 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the gateway exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                status, _ = http_get(self.admin_url + "/readyz", timeout=1)
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"the gateway did not become ready:\n{self.log()[-3000:]}")
+        wait_ready(self.proc, self.admin_url, self.log, timeout)
 
     def readyz(self) -> int:
         return http_get(self.admin_url + "/readyz", timeout=2)[0]

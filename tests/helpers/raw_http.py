@@ -10,10 +10,14 @@ from typing import Any
 
 @dataclass
 class Resp:
+    """A response as read off the wire (here, and by the proxy tests' own parser in tests/proxy/wire.py)."""
+
     status: int
     headers: list[tuple[str, str]]
     body: bytes = b""
     head: bytes = b""
+    reason: str = ""
+    complete: bool = True  # False: the connection ended before the framing said the body did
 
     def header(self, name: str) -> str | None:
         for n, v in self.headers:
@@ -23,6 +27,9 @@ class Resp:
 
     def all(self, name: str) -> list[str]:
         return [v for n, v in self.headers if n.lower() == name.lower()]
+
+    def names(self) -> set[str]:
+        return {n.lower() for n, _ in self.headers}
 
     def json(self) -> Any:
         return json.loads(self.body)

@@ -9,40 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tests.helpers.gateway import RunningProxy, make_config, start_proxy
+from tests.helpers.raw_http import Resp
 from tests.helpers.upstream import RecordingUpstream, ok
 
 UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-
-
-@dataclass
-class Resp:
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-    body: bytes = b""
-    complete: bool = True
-
-    def header(self, name: str) -> str | None:
-        for n, v in self.headers:
-            if n.lower() == name.lower():
-                return v
-        return None
-
-    def all(self, name: str) -> list[str]:
-        return [v for n, v in self.headers if n.lower() == name.lower()]
-
-    def names(self) -> set[str]:
-        return {n.lower() for n, _ in self.headers}
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 class Incomplete(Exception):
@@ -62,7 +38,7 @@ def parse_one(buf: bytes, head_only: bool = False, eof: bool = False) -> tuple[R
         name, sep, value = line.partition(":")
         assert sep and name == name.strip(), f"malformed response header line {line!r}"
         headers.append((name, value.strip()))
-    resp = Resp(int(status), rest[0] if rest else "", headers)
+    resp = Resp(int(status), headers, reason=rest[0] if rest else "")
     pos = end + 4
     code = resp.status
     if head_only or 100 <= code < 200 or code in (204, 304):

@@ -23,7 +23,6 @@ from gateway.ratelimit.base import Counters, Limiter
 from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.policy import Decision
 from gateway.ratelimit.redis import RedisLimiter
-from tests.helpers.upstream import RecordingUpstream
 
 
 class MsClock(FakeClock):
@@ -111,15 +110,6 @@ async def backend(request: pytest.FixtureRequest, clock: MsClock) -> AsyncIterat
         yield b
     finally:
         await b.close()
-
-
-@pytest.fixture
-async def up() -> AsyncIterator[RecordingUpstream]:
-    upstream = await RecordingUpstream().start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
 
 
 # --- a Redis that tests may stop and start again ------------------------------------------------------

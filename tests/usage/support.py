@@ -16,8 +16,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config.schema import GatewayConfig
 from tests.helpers.configs import write_config
 from tests.helpers.net import free_port
+from tests.helpers.processes import http_get, stop_process, wait_ready
 from tests.helpers.raw_http import Conn, Resp, call, call_raw, request_bytes  # noqa: F401 - the suite imports them from here
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -236,16 +235,6 @@ def label_values(samples: Samples, name: str, label: str) -> set[str]:
     return {dict(lab)[label] for (n, lab), _ in samples.items() if n == name and label in dict(lab)}
 
 
-def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
-    """A blocking GET returning (status, body) for every status; OSError when unreachable."""
-    req = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 # --- `gateway run` as a subprocess -----------------------------------------------------------------
 
 
@@ -289,17 +278,8 @@ class GatewayProcess:
         return self.stderr_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> GatewayProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the gateway exited with {self.proc.returncode}:\n{self.stderr()[-3000:]}")
-            try:
-                if http_get(self.admin_url + "/readyz", timeout=1)[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"the gateway did not become ready:\n{self.stderr()[-3000:]}")
+        wait_ready(self.proc, self.admin_url, self.stderr, timeout)
+        return self
 
     def metrics(self) -> str:
         status, body = http_get(self.admin_url + "/metrics")
@@ -316,13 +296,7 @@ class GatewayProcess:
         return self.stop()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                return self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+        return stop_process(self.proc, sig, timeout)
 
 
 async def cli(config: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -13,11 +13,14 @@ import json
 import signal
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.helpers.upstream import RecordingUpstream
 from tests.usage.support import (
@@ -139,69 +142,86 @@ async def replay_and_check(tmp_path: Path, data: dict[str, Any], store_url: str,
     assert not any(spool.glob("*.batch"))
 
 
-async def test_postgres_outage_under_load_then_sigterm_and_restart(pg_store_url: str, tmp_path: Path) -> None:
-    pg = Postgres()
-    up = await RecordingUpstream(keep_bodies=False).start()
+@dataclass
+class Run:
+    gw: GatewayProcess
+    load: Load
+    data: dict[str, Any]
+    spool: Path
+    clients: list[asyncio.Task[None]]
+
+    async def stop_clients(self) -> None:
+        """Every client finishes the request it is in, so none sees the gateway go away."""
+        self.load.stop.set()
+        await asyncio.gather(*self.clients)
+
+
+@asynccontextmanager
+async def under_load(store_url: str, upstream: RecordingUpstream, tmp_path: Path, pace: float) -> AsyncIterator[Run]:
+    """`gateway run` on the store with a disk spool, and CLIENTS clients sending through it until the
+    block ends (or the test stops them sooner); the process is gone when the block is left."""
     spool = tmp_path / "spool"
-    data = gateway_config(pg_store_url, up.url, spool)
+    data = gateway_config(store_url, upstream.url, spool)
     gw = await start_gateway(tmp_path, data)
     try:
-        load = Load(gw.url, await create_key(gw), pace=0.015)
-        tasks = [asyncio.create_task(load.client(n)) for n in range(CLIENTS)]
+        load = Load(gw.url, await create_key(gw), pace=pace)
+        run = Run(gw, load, data, spool, [asyncio.create_task(load.client(n)) for n in range(CLIENTS)])
         try:
-            await load.until(500, gw)
-            await pg.astop()
-            try:
-                t_down = time.monotonic()
-                await load.until(1200, gw)
-                await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - t_down)))  # down for 3 s at least
-                spooled_during_outage = any(spool.glob("*.batch"))
-            finally:
-                await pg.astart()
-            await load.until(2000, gw)
+            yield run
         finally:
-            load.stop.set()
-            await asyncio.gather(*tasks)
-        assert spooled_during_outage
-        await stop_gateway(gw)
+            await run.stop_clients()
     finally:
         await asyncio.to_thread(gw.stop)
+
+
+@pytest.fixture
+async def quiet_up() -> AsyncIterator[RecordingUpstream]:
+    """An upstream that answers thousands of requests without keeping them."""
+    upstream = await RecordingUpstream(keep_bodies=False).start()
     try:
-        await replay_and_check(tmp_path, data, pg_store_url, spool, load)
+        yield upstream
     finally:
-        await up.close()
+        await upstream.close()
+
+
+async def test_postgres_outage_under_load_then_sigterm_and_restart(
+    pg_store_url: str, quiet_up: RecordingUpstream, tmp_path: Path
+) -> None:
+    pg = Postgres()
+    async with under_load(pg_store_url, quiet_up, tmp_path, pace=0.015) as run:
+        await run.load.until(500, run.gw)
+        await pg.astop()
+        try:
+            t_down = time.monotonic()
+            await run.load.until(1200, run.gw)
+            await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - t_down)))  # down for 3 s at least
+            spooled_during_outage = any(run.spool.glob("*.batch"))
+        finally:
+            await pg.astart()
+        await run.load.until(2000, run.gw)
+        await run.stop_clients()
+        assert spooled_during_outage
+        await stop_gateway(run.gw)
+    await replay_and_check(tmp_path, run.data, pg_store_url, run.spool, run.load)
 
 
 async def test_sigterm_while_postgres_is_down_spools_the_queue_for_the_next_start(
-    pg_store_url: str, tmp_path: Path
+    pg_store_url: str, quiet_up: RecordingUpstream, tmp_path: Path
 ) -> None:
     pg = Postgres()
-    up = await RecordingUpstream(keep_bodies=False).start()
-    spool = tmp_path / "spool"
-    data = gateway_config(pg_store_url, up.url, spool)
-    gw = await start_gateway(tmp_path, data)
-    try:
-        load = Load(gw.url, await create_key(gw), pace=0.01)
-        tasks = [asyncio.create_task(load.client(n)) for n in range(CLIENTS)]
+    async with under_load(pg_store_url, quiet_up, tmp_path, pace=0.01) as run:
+        await run.load.until(300, run.gw)
+        await pg.astop()
         try:
-            await load.until(300, gw)
-            await pg.astop()
-            try:
-                await load.until(800, gw)
-            finally:
-                load.stop.set()
-                await asyncio.gather(*tasks)
+            await run.load.until(800, run.gw)
+            await run.stop_clients()
             # SIGTERM with the store down: what is queued goes to the spool before the exit
-            await stop_gateway(gw)
+            await stop_gateway(run.gw)
+            spool = run.spool
             assert any(spool.glob("*.batch"))
             spooled = sum(len(p.read_text().splitlines()) for p in spool.glob("*.batch"))
             assert spooled > 0
             assert all(len(json.loads(line)) == 15 for p in spool.glob("*.batch") for line in p.read_text().splitlines())
         finally:
             await pg.astart()
-    finally:
-        await asyncio.to_thread(gw.stop)
-    try:
-        await replay_and_check(tmp_path, data, pg_store_url, spool, load)
-    finally:
-        await up.close()
+    await replay_and_check(tmp_path, run.data, pg_store_url, run.spool, run.load)
