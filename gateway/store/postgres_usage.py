@@ -8,7 +8,6 @@ postgres_usage_sql.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 
 import asyncpg
@@ -27,7 +26,7 @@ from gateway.store.postgres_usage_sql import (
     TAKE_PENDING,
     report_sql,
 )
-from gateway.store.rollups import floor_hour, rollup_bounds, rollup_range
+from gateway.store.rollups import floor_hour, reports, rollup_bounds, rollup_range, split_taken
 from gateway.usage.record import FIELDS, UsageRecord
 
 ROLLUP_TIMEOUT = 300.0  # seconds for one rollup statement (or waiting for another process's rollup)
@@ -75,20 +74,7 @@ class PostgresUsage(PostgresPool):
             rows = await conn.fetch(
                 sql, since, span["h0"], span["raw_from"], span["d0"], span["d1"], *filters, timeout=REPORT_TIMEOUT
             )
-        return [
-            UsageReport(
-                group=str(r["grp"]),
-                requests=int(r["requests"]),
-                errors=int(r["errors"]),
-                refusals={str(k): int(v) for k, v in json.loads(r["refusals"] or "{}").items()},
-                bytes_in=int(r["bytes_in"]),
-                bytes_out=int(r["bytes_out"]),
-                p50_ms=r["p50_ms"],
-                p95_ms=r["p95_ms"],
-                p99_ms=r["p99_ms"],
-            )
-            for r in rows
-        ]
+        return reports(rows)
 
     async def rollup_usage(self, now: datetime, retention_seconds: float) -> None:
         hours_to, days_to, cutoff = rollup_bounds(now, retention_seconds)
@@ -109,12 +95,7 @@ class PostgresUsage(PostgresPool):
             taken = await conn.fetch(TAKE_PENDING, hours_to, days_to, timeout=t)
             if raw_from is not None:
                 await conn.execute(FOLD_LATE, raw_from, timeout=t)
-            # Buckets whose raw rows are all still stored are computed from them; older hours got
-            # their late rows above, and a day that lost raw rows already is summed from its hours.
-            hours = sorted(b for g, b in taken if g == "hour" and (raw_from is None or b >= raw_from))
-            days = sorted(b for g, b in taken if g == "day")
-            whole = [d for d in days if raw_from is None or d >= raw_from]
-            partial = [d for d in days if d not in whole]
+            hours, whole, partial = split_taken(taken, raw_from)
             for buckets, statements in (
                 (hours, HOURLY_FROM_RAW),
                 (whole, DAILY_FROM_RAW),

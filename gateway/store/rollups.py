@@ -7,9 +7,13 @@ the same way over both.
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from gateway.store.base import UsageReport
 from gateway.store.migrate import require_aware
 
 
@@ -66,3 +70,33 @@ def report_groups(raw_day: str, rollup_day: str) -> tuple[dict[str, str], dict[s
         "day": rollup_day,
     }
     return raw, rollup
+
+
+def split_taken(taken: Iterable[Sequence[Any]], raw_from: Any) -> tuple[list[Any], list[Any], list[Any]]:
+    """The (grain, bucket) pairs a rollup took, as (hours, whole days, partial days). A bucket is its
+    start: a datetime in PostgreSQL, its fixed-width text in SQLite; both compare in time order.
+    Hours and days whose raw rows are all still stored are computed from them; a day that lost raw
+    rows already is summed from its hours. (Older hours got their late rows from FOLD_LATE.)"""
+    hours = sorted(b for g, b in taken if g == "hour" and (raw_from is None or b >= raw_from))
+    days = sorted(b for g, b in taken if g == "day")
+    whole = [d for d in days if raw_from is None or d >= raw_from]
+    return hours, whole, [d for d in days if d not in whole]
+
+
+def reports(rows: Iterable[Sequence[Any]]) -> list[UsageReport]:
+    """Report rows of either store's report query: group, requests, errors, bytes in and out, the
+    three latency percentiles, and the refusals per code as a JSON object."""
+    return [
+        UsageReport(
+            group=str(group),
+            requests=int(requests),
+            errors=int(errors),
+            refusals={str(k): int(v) for k, v in json.loads(refusals or "{}").items()},
+            bytes_in=int(bytes_in),
+            bytes_out=int(bytes_out),
+            p50_ms=p50,
+            p95_ms=p95,
+            p99_ms=p99,
+        )
+        for group, requests, errors, bytes_in, bytes_out, p50, p95, p99, refusals in rows
+    ]

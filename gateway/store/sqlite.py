@@ -1,7 +1,9 @@
-"""The embedded store: one SQLite file, reached through the stdlib sqlite3 module on one worker thread.
+"""The embedded store: one SQLite file, reached through the stdlib sqlite3 module off the event loop.
 
-Every statement runs on a single dedicated thread (a one-worker executor, see sqlite_worker), so the
-event loop never blocks on disk and the connection is only ever used by that thread. The file is
+Statements run on a dedicated writer thread, key lookups on a reader thread with a read-only
+connection of their own (see sqlite_worker), and usage batches in a child process
+(sqlite_usage_process); the event loop never blocks on disk, and each connection is only ever used
+by its own thread. The file is
 opened in WAL mode with synchronous=NORMAL, a busy timeout for other processes holding the write
 lock, and foreign keys enforced. Writes that change a key run in one BEGIN IMMEDIATE transaction
 with their audit entry.
@@ -90,21 +92,22 @@ class SQLiteStore(SQLiteKeys, SQLiteUsage, KeyStore, UsageStore):
         self._reader_conn = conn
 
     async def close(self) -> None:
-        if self._usage_process is not None:
-            await self._usage_process.close()
-            self._usage_process = None
+        # Closed from the first await on: a call made meanwhile fails as "not open" instead of
+        # starting a usage writer process that nothing would stop.
+        executor, self._executor = self._executor, None
+        usage, self._usage_process = self._usage_process, None
+        if usage is not None:
+            await usage.close()
+        loop = asyncio.get_running_loop()
         reader, self._reader = self._reader, None
         if reader is not None:
-            await asyncio.get_running_loop().run_in_executor(reader, self._disconnect, "_reader_conn")
+            await loop.run_in_executor(reader, self._disconnect, "_reader_conn")
             reader.shutdown(wait=False)
-        executor = self._executor
         if executor is None:
             return
-        loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(executor, self._disconnect)
         finally:
-            self._executor = None
             executor.shutdown(wait=False)
 
     def _disconnect(self, which: str = "_conn") -> None:

@@ -1,28 +1,24 @@
 """The usage records, reports and rollups of the SQLite store: a mixin of SQLiteStore.
 
-Usage records are written with executemany on the worker thread; the statements and the report
-query are in sqlite_usage_sql.
+Usage batches are written by a child process (sqlite_usage_process); reports and rollups run on the
+writer thread. The statements and the report query are in sqlite_usage_sql.
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from gateway.store.base import StoreUnavailable, UsageReport
 from gateway.store.migrate import require_aware
-from gateway.store.rollups import floor_hour, rollup_bounds, rollup_range
-from gateway.store.sqlite_usage_process import UsageProcess
+from gateway.store.rollups import floor_hour, reports, rollup_bounds, rollup_range, split_taken
+from gateway.store.sqlite_usage_process import UsageProcess, write_records
 from gateway.store.sqlite_usage_sql import (
     DAILY_FROM_HOURLY,
     DAILY_FROM_RAW,
     FOLD_LATE,
     HOURLY_FROM_RAW,
-    INSERT_USAGE,
-    MARK_USAGE,
     PENDING,
     report_sql,
 )
@@ -38,6 +34,8 @@ class SQLiteUsage(SQLiteWorker):
     def _usage_writer(self) -> UsageProcess:
         # Batches go to a child process: a writer thread here, however little of the GIL it took,
         # stalled the event loop for milliseconds per batch (bench/usage_micro.py).
+        if self._executor is None:
+            raise StoreUnavailable("the SQLite store is not open")
         if self._usage_process is None:
             self._usage_process = UsageProcess(self.path, self.busy_timeout)
         return self._usage_process
@@ -80,21 +78,7 @@ class SQLiteUsage(SQLiteWorker):
             finally:
                 conn.execute("COMMIT")
 
-        rows = await self._run(report)
-        return [
-            UsageReport(
-                group=str(group),
-                requests=int(requests),
-                errors=int(errors),
-                refusals={str(k): int(v) for k, v in json.loads(refusals or "{}").items()},
-                bytes_in=int(bytes_in),
-                bytes_out=int(bytes_out),
-                p50_ms=p50,
-                p95_ms=p95,
-                p99_ms=p99,
-            )
-            for group, requests, errors, bytes_in, bytes_out, p50, p95, p99, refusals in rows
-        ]
+        return reports(await self._run(report))
 
     async def rollup_usage(self, now: datetime, retention_seconds: float) -> None:
         hours_to, days_to, cutoff = rollup_bounds(now, retention_seconds)
@@ -113,46 +97,6 @@ class SQLiteUsage(SQLiteWorker):
 
 
 # --- helpers (they run on the worker thread) -------------------------------------------------------
-
-
-CHUNK = 100  # records: about a millisecond of inserting
-
-
-def _no_pause() -> None:
-    return None
-
-
-def write_records(
-    conn: sqlite3.Connection, records: list[UsageRecord], path: str, pause: Callable[[], None] = _no_pause
-) -> None:
-    """One batch in one transaction; runs on the store's thread or in the usage writer process,
-    which passes a `pause` to call between chunks of CHUNK records."""
-    try:
-        with write_transaction(conn):
-            for i in range(0, len(records), CHUNK):
-                conn.executemany(INSERT_USAGE, records[i : i + CHUNK])
-                pause()
-            conn.executemany(MARK_USAGE, _marks(records))
-    except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
-        # Only the kind of error: the message could quote a record.
-        raise StoreUnavailable(
-            f"SQLite store {path}: a usage batch of {len(records)} records was not stored ({type(exc).__name__})"
-        ) from None
-
-
-def _second(at: float) -> int:
-    """The stored time's whole second: the fraction rounded to the microsecond may carry."""
-    whole = int(at)
-    return whole + (round((at - whole) * 1e6) >= 1_000_000)
-
-
-def _marks(records: list[UsageRecord]) -> list[tuple[str, str]]:
-    """The hour and day buckets the records fall in, rounded to the microsecond as INSERT_USAGE
-    stores their time. Records of a batch share one or two hours: one cheap pass over their times."""
-    hours = {_second(r[1]) // 3600 for r in records}
-    texts = {ts(datetime.fromtimestamp(h * 3600, UTC)) for h in hours}
-    days = {t[:10] + "T00:00:00.000000Z" for t in texts}
-    return sorted([("day", d) for d in days] + [("hour", h) for h in texts])
 
 
 def _rollup_state(conn: sqlite3.Connection) -> tuple[str | None, str | None, str | None]:
@@ -183,14 +127,10 @@ def _rollup(conn: sqlite3.Connection, hours_to: datetime, days_to: datetime, cut
     if raw_from is not None:
         for statement in FOLD_LATE:
             conn.execute(statement, {"raw_from": raw_from})
-    # Buckets whose raw rows are all still stored are computed from them; older hours got their late
-    # rows above, and a day that lost raw rows already is summed from its hours.
-    hours = sorted(b for g, b in taken if g == "hour" and (raw_from is None or b >= raw_from))
+    hours, whole, partial = split_taken(taken, raw_from)
     _refold(conn, "usage_hourly", hours, timedelta(hours=1), HOURLY_FROM_RAW)
-    days = sorted(b for g, b in taken if g == "day")
-    whole = [d for d in days if raw_from is None or d >= raw_from]
     _refold(conn, "usage_daily", whole, timedelta(days=1), DAILY_FROM_RAW)
-    _refold(conn, "usage_daily", [d for d in days if d not in whole], timedelta(days=1), DAILY_FROM_HOURLY)
+    _refold(conn, "usage_daily", partial, timedelta(days=1), DAILY_FROM_HOURLY)
     new_from = raw_from
     if cutoff is not None and (raw_from is None or ts(cutoff) > raw_from):
         new_from = ts(cutoff)

@@ -21,11 +21,17 @@ import contextlib
 import os
 import pickle
 import signal
+import sqlite3
 import struct
 import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from gateway.store.base import StoreUnavailable
+from gateway.store.sqlite_usage_sql import INSERT_USAGE, MARK_USAGE
+from gateway.store.sqlite_worker import open_connection, ts, write_transaction
 
 if TYPE_CHECKING:
     from gateway.usage.record import UsageRecord
@@ -72,6 +78,14 @@ class _Child:
                     fut.set_exception(err)
 
 
+def _child_env() -> dict[str, str]:
+    """The gateway's environment, with the folder this `gateway` package was imported from first on
+    the child's path: a gateway run from a checkout, not installed, must find the same code."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, path]) if path else root}
+
+
 class UsageProcess:
     """The parent's end: one child per store, started on first use and again after it died."""
 
@@ -80,7 +94,7 @@ class UsageProcess:
         self.busy_timeout = busy_timeout
         self._child: _Child | None = None
         self._seq = 0
-        self._starting: asyncio.Lock | None = None
+        self._starting = asyncio.Lock()
 
     async def write(self, records: list[UsageRecord]) -> None:
         child = await self.start()
@@ -106,8 +120,6 @@ class UsageProcess:
     async def start(self) -> _Child:
         """The running child, started now if need be. Forking copies this process's page tables,
         milliseconds for a big heap: the gateway starts it before serving."""
-        if self._starting is None:
-            self._starting = asyncio.Lock()
         async with self._starting:
             child = self._child
             if child is not None and child.alive:
@@ -115,7 +127,7 @@ class UsageProcess:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", __name__, self.path, str(self.busy_timeout),
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=_child_env(),
                 )
             except OSError as e:
                 raise StoreUnavailable(f"cannot start the SQLite usage writer ({type(e).__name__})") from None
@@ -124,8 +136,6 @@ class UsageProcess:
 
     async def close(self) -> None:
         """Lets the child finish what it was sent, then waits for it (killed if it hangs)."""
-        if self._starting is None:
-            return
         async with self._starting:  # not while a child is being started
             child, self._child = self._child, None
         if child is None:
@@ -140,6 +150,46 @@ class UsageProcess:
             await proc.wait()
         with contextlib.suppress(asyncio.CancelledError):
             await child.replies
+
+
+# --- one batch: in the child, or on the store's thread for an in-memory database ---------------
+
+
+CHUNK = 100  # records: about a millisecond of inserting
+
+
+def write_records(
+    conn: sqlite3.Connection, records: list[UsageRecord], path: str, pause: Callable[[], None] | None = None
+) -> None:
+    """One batch in one transaction; runs in the usage writer process, which passes a `pause` to call
+    between chunks of CHUNK records, or on the store's thread for an in-memory database."""
+    try:
+        with write_transaction(conn):
+            for i in range(0, len(records), CHUNK):
+                conn.executemany(INSERT_USAGE, records[i : i + CHUNK])
+                if pause is not None:
+                    pause()
+            conn.executemany(MARK_USAGE, _marks(records))
+    except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
+        # Only the kind of error: the message could quote a record.
+        raise StoreUnavailable(
+            f"SQLite store {path}: a usage batch of {len(records)} records was not stored ({type(exc).__name__})"
+        ) from None
+
+
+def _second(at: float) -> int:
+    """The stored time's whole second: the fraction rounded to the microsecond may carry."""
+    whole = int(at)
+    return whole + (round((at - whole) * 1e6) >= 1_000_000)
+
+
+def _marks(records: list[UsageRecord]) -> list[tuple[str, str]]:
+    """The hour and day buckets the records fall in, rounded to the microsecond as INSERT_USAGE
+    stores their time. Records of a batch share one or two hours: one cheap pass over their times."""
+    hours = {_second(r[1]) // 3600 for r in records}
+    texts = {ts(datetime.fromtimestamp(h * 3600, UTC)) for h in hours}
+    days = {t[:10] + "T00:00:00.000000Z" for t in texts}
+    return sorted([("day", d) for d in days] + [("hour", h) for h in texts])
 
 
 # --- the child -------------------------------------------------------------------------------------
@@ -157,9 +207,6 @@ def _read(stream: BinaryIO, size: int) -> bytes | None:
 
 
 def child(path: str, busy_timeout: float, inp: BinaryIO, out: BinaryIO) -> None:
-    from gateway.store.sqlite_usage import write_records
-    from gateway.store.sqlite_worker import open_connection
-
     conn = open_connection(path, busy_timeout)
     try:
         while (head := _read(inp, _HEAD.size)) is not None:

@@ -12,12 +12,17 @@ from gateway.usage.record import FIELDS
 
 # A bucket is the text of its start: the hour or day prefix of a timestamp, completed with zeros.
 _HOUR_OF = "substr({}, 1, 13) || ':00:00.000000Z'"
-_DAY_OF = "substr({}, 1, 10) || 'T00:00:00.000000Z'"
 # A record is bound as it is, its epoch time (parameter 2) made the stored text here, to the
 # microsecond: converting it in Python cost a third of a write. Whole seconds and the fraction are
-# rounded apart, as datetime.fromtimestamp does: at today's epoch, time * 1e6 falls on a .5 tie often.
+# rounded apart, as datetime.fromtimestamp does, and a half goes to the even neighbour as there
+# (SQLite's round() takes it away from zero): at today's epoch, time * 1e6 falls on a .5 tie often.
 _SECONDS = "CAST(?2 AS INTEGER)"
-_MICROS = f"CAST(round((?2 - {_SECONDS}) * 1000000) AS INTEGER)"  # 0..1000000: 1000000 carries
+_FRACTION = f"((?2 - {_SECONDS}) * 1000000)"
+_FLOOR = f"CAST({_FRACTION} AS INTEGER)"
+_MICROS = (  # 0..1000000: 1000000 carries into the seconds
+    f"(CASE WHEN {_FRACTION} - {_FLOOR} = 0.5 THEN {_FLOOR} + {_FLOOR} % 2 "
+    f"ELSE CAST(round({_FRACTION}) AS INTEGER) END)"
+)
 _AT_TEXT = (
     f"strftime('%Y-%m-%dT%H:%M:%S', {_SECONDS} + {_MICROS} / 1000000, 'unixepoch') "
     f"|| printf('.%06dZ', {_MICROS} % 1000000)"

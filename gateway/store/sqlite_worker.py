@@ -1,8 +1,8 @@
-"""What every part of the SQLite store runs on: one connection, used by one worker thread only.
+"""What every part of the SQLite store runs on: connections, each used by one thread only.
 
-Every statement runs on a single dedicated thread (a one-worker executor), so the event loop never
-blocks on disk and the connection is only ever used by that thread; SQLiteStore opens and closes
-both. Writes run in one BEGIN IMMEDIATE transaction each.
+Statements run on a dedicated writer thread (a one-worker executor) and key lookups on a reader
+thread with a read-only connection, so the event loop never blocks on disk and a lookup never waits
+behind a write; SQLiteStore opens and closes them. Writes run in one BEGIN IMMEDIATE transaction each.
 
 Timestamps are stored as fixed-width ISO-8601 UTC text ('2024-05-01T12:00:00.000000Z'), so text
 order is time order and values round-trip to the microsecond.

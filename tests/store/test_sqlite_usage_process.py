@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -145,7 +146,7 @@ async def test_an_in_memory_store_writes_on_its_thread() -> None:
 
 async def test_a_bad_record_late_in_a_batch_leaves_none_of_it(store: SQLiteStore) -> None:
     """The child inserts a batch in chunks, pausing between them, inside one transaction."""
-    from gateway.store.sqlite_usage import CHUNK
+    from gateway.store.sqlite_usage_process import CHUNK
 
     bad = records(0, 3 * CHUNK)
     bad[-1] = bad[-1]._replace(status=None)  # NOT NULL, in the last chunk
@@ -167,6 +168,8 @@ async def test_stored_times_are_what_datetime_makes_of_them(store: SQLiteStore) 
     rng = random.Random(7)
     times = [T0 + rng.uniform(0, 86400 * 365) for _ in range(20_000)]
     times += [T0 + 0.0000005, T0 + 0.9999995, T0 + 3599.9999999, T0 + 1e-7]
+    # Exact ties: k/128 of a second is k * 7812.5 µs, halves that go to the even neighbour, either way.
+    times += [T0 + k / 128 for k in range(1, 128, 2)]
     batch = [r._replace(at=t) for r, t in zip(records(0, len(times)), times, strict=True)]
     await store.write_usage(batch)
 
@@ -204,3 +207,21 @@ async def test_a_key_lookup_never_waits_behind_a_write_waiting_for_the_lock(stor
         other.execute("COMMIT")
         other.close()
     await touch
+
+
+async def test_a_write_after_close_is_refused_and_starts_no_writer(tmp_path: Path) -> None:
+    s = SQLiteStore(f"sqlite:///{tmp_path}/gw.db")
+    await s.open()
+    await s.write_usage(records(0, 10))
+    await s.close()
+    with pytest.raises(StoreUnavailable, match="not open"):
+        await s.write_usage(records(10, 10))
+    assert s._usage_process is None  # no child process left behind
+
+
+async def test_usage_records_carry_only_the_indexes_the_reports_read(store: SQLiteStore) -> None:
+    def indexes(conn: sqlite3.Connection) -> set[str]:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'usage_records'")
+        return {name for (name,) in rows if not name.startswith("sqlite_autoindex")}
+
+    assert await store._run(indexes) == {"usage_records_at_idx", "usage_records_key_id_at_idx"}

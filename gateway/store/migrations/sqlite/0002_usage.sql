@@ -37,7 +37,8 @@ CREATE TABLE usage_records (
 
 CREATE INDEX usage_records_at_idx ON usage_records (at);
 CREATE INDEX usage_records_key_id_at_idx ON usage_records (key_id, at);
--- Every index is paid on each of the many inserts; reports by owner or route read the `at` range.
+CREATE INDEX usage_records_owner_at_idx ON usage_records (owner, at);
+CREATE INDEX usage_records_route_at_idx ON usage_records (route, at);
 
 CREATE TABLE usage_hourly (
     bucket    TEXT    NOT NULL,
