@@ -125,9 +125,9 @@ class RateLimitConfig(Strict):
         if scheme not in ("memory", "redis", "rediss"):
             raise ValueError("must be memory://, redis://HOST:PORT/DB or rediss://…")
         if scheme != "memory":
-            from gateway.ratelimit.resp import endpoint
+            from gateway.ratelimit.resp import url_options
 
-            endpoint(v)  # its message quotes none of the URL: it may hold a password
+            url_options(v)  # its messages quote no value of the URL: it may hold a password
         return v
 
 

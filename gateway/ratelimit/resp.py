@@ -10,10 +10,12 @@ parsing and for everything off the hot path.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import hiredis
 from redis.connection import SSLConnection, parse_url
@@ -101,26 +103,59 @@ class RespConnection(asyncio.Protocol):
         self._fail(None)
 
 
-class Endpoint(NamedTuple):
+@dataclass(frozen=True)
+class Endpoint:
     host: str
     port: int
     tls: ssl.SSLContext | None
-    first: list[bytes]  # AUTH and SELECT, sent ahead of everything on a new connection
+    first: list[bytes] = field(repr=False)  # AUTH (a password) and SELECT, sent first on a new connection
+
+
+# URL options the limiter's connection honours; any other is refused rather than silently ignored.
+_TLS_OPTIONS = frozenset(["ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname", "ssl_cert_reqs"])
+_PLAIN_OPTIONS = frozenset(["host", "port", "db", "username", "password", "connection_class"])
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def url_options(url: str) -> dict[str, Any]:
+    """A redis:// or rediss:// URL's options, checked; ValueError for a URL that cannot be used, with
+    a message that quotes no value of it (it may hold a password)."""
+    try:
+        opts: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError:
+        raise ValueError("not a usable Redis URL: check the port, and percent-encode the password") from None
+    tls = opts.get("connection_class") is SSLConnection
+    unknown = sorted(set(opts) - _PLAIN_OPTIONS - (_TLS_OPTIONS if tls else frozenset()))
+    if unknown:
+        raise ValueError(
+            f"Redis URL option(s) {', '.join(unknown)} not supported here "
+            "(the limiter's timeout is ratelimit.timeout; TLS options need rediss://)"
+        )
+    reqs = str(opts.get("ssl_cert_reqs", "required")).lower()
+    if reqs not in _CERT_REQS:
+        raise ValueError("ssl_cert_reqs in the Redis URL must be none, optional or required")
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in opts and not os.path.isfile(opts[name]):
+            raise ValueError(f"the file named by {name} in the Redis URL does not exist")
+    return opts
+
+
+def _tls_context(opts: dict[str, Any]) -> ssl.SSLContext:
+    """As redis-py builds it from the same options: the system CAs or ssl_ca_certs, an optional client
+    certificate, and ssl_cert_reqs (none: no verification at all; optional: verified when sent)."""
+    ctx = ssl.create_default_context(cafile=opts.get("ssl_ca_certs"))
+    if "ssl_certfile" in opts:
+        ctx.load_cert_chain(opts["ssl_certfile"], opts.get("ssl_keyfile"))
+    reqs = _CERT_REQS[str(opts.get("ssl_cert_reqs", "required")).lower()]
+    ctx.check_hostname = bool(opts.get("ssl_check_hostname", True)) and reqs != ssl.CERT_NONE
+    ctx.verify_mode = reqs
+    return ctx
 
 
 def endpoint(url: str) -> Endpoint:
-    """Where a redis:// or rediss:// URL points, and what to send first. ValueError for a URL that
-    cannot be used, with a message that quotes none of it (it may hold a password)."""
-    try:
-        opts = parse_url(url)  # type: ignore[no-untyped-call]
-    except ValueError:
-        raise ValueError("not a usable Redis URL: check the port, and percent-encode the password") from None
-    tls: ssl.SSLContext | None = None
-    if opts.get("connection_class") is SSLConnection:
-        tls = ssl.create_default_context()
-        if str(opts.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
-            tls.check_hostname = False
-            tls.verify_mode = ssl.CERT_NONE
+    """Where a redis:// or rediss:// URL points, and what to send first (see url_options)."""
+    opts = url_options(url)
+    tls = _tls_context(opts) if opts.get("connection_class") is SSLConnection else None
     first = []
     if opts.get("password"):
         user = opts.get("username")

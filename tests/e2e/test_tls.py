@@ -1,63 +1,27 @@
 """TLS on the listener (`tls: {cert, key}`) and to https upstreams (verified; `upstream_ca` names the CA).
 
-A throwaway CA and a server certificate for 127.0.0.1/localhost are made with the openssl CLI.
+A throwaway CA and a server certificate for 127.0.0.1/localhost come from tests/helpers/pki.py.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import ssl
 import subprocess
 import zlib
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.e2e.servers import stream_crc
 from tests.e2e.support import GatewayProcess, Launcher, Server
+from tests.helpers.pki import Certs, make_certs
 
 TIMEOUT = aiohttp.ClientTimeout(total=20)
 
 
-class Certs:
-    def __init__(self, folder: Path) -> None:
-        self.ca = folder / "ca.pem"
-        self.cert = folder / "server.pem"
-        self.key = folder / "server.key"
-
-    def client_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.ca))
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make test certificates")
-    d = tmp_path_factory.mktemp("pki")
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl(
-        "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Gateway Test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        cwd=d,
-    )
-    _openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
-    (d / "server.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
-    )
-    _openssl(
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "2", "-extfile", "server.ext",
-        cwd=d,
-    )
-    return Certs(d)
+    return make_certs(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,10 @@ one connection, and a server that talks nonsense: always a decision or LimiterUn
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from gateway.ratelimit.base import LimiterUnavailable
 from gateway.ratelimit.policy import Decision, Limit
 from gateway.ratelimit.redis import RedisLimiter
 from tests.helpers.net import free_port
+from tests.helpers.pki import Certs, make_certs
 
 from .conftest import RedisServer, unique_owner
 
@@ -226,3 +229,61 @@ async def test_a_caller_that_went_away_does_not_disturb_the_rest_of_its_batch(re
         assert (await decide(limiter, counters)).outcomes[0].remaining == 6
     finally:
         await limiter.close()
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Certs]]:
+    """A Redis serving TLS only, with a certificate from a CA of its own (not the system's)."""
+    certs = make_certs(tmp_path)
+    port = free_port()
+    subprocess.run(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certs.cert),
+         "--tls-key-file", str(certs.key), "--tls-ca-cert-file", str(certs.ca), "--tls-auth-clients", "no",
+         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "yes",
+         "--dir", str(tmp_path), "--pidfile", str(tmp_path / "redis.pid")],
+        capture_output=True, timeout=10, check=True,
+    )
+    try:
+        yield port, certs
+    finally:
+        pid = tmp_path / "redis.pid"
+        if pid.exists():
+            os.kill(int(pid.read_text()), signal.SIGTERM)
+
+
+async def test_rediss_verifies_the_server_with_the_ca_the_url_names(tls_redis: tuple[int, Certs]) -> None:
+    port, certs = tls_redis
+    limiter = RedisLimiter(f"rediss://localhost:{port}/0?ssl_ca_certs={certs.ca}", timeout=2.0)
+    untrusted = RedisLimiter(f"rediss://localhost:{port}/0", timeout=2.0)  # the system CAs only
+    counters = plan(unique_owner(), Limit("minute", 2, 60))
+    try:
+        for _ in range(100):  # the daemonized server may take a moment to listen
+            try:
+                d = await decide(limiter, counters)
+                break
+            except LimiterUnavailable:
+                await asyncio.sleep(0.05)
+        assert d.allowed and d.outcomes[0].remaining == 1
+        with pytest.raises(LimiterUnavailable):
+            await untrusted.hit(counters)  # type: ignore[misc]
+    finally:
+        await limiter.close()
+        await untrusted.close()
+
+
+def test_url_options_that_would_be_ignored_are_refused_without_quoting_the_url(tmp_path: Path) -> None:
+    for url, message in [
+        ("redis://:s3cret@127.0.0.1:6379/0?socket_timeout=3", "socket_timeout not supported here"),
+        ("redis://:s3cret@127.0.0.1:6379/0?ssl_ca_certs=/ca.pem", "ssl_ca_certs not supported here"),
+        (f"rediss://:s3cret@127.0.0.1:6379/0?ssl_ca_certs={tmp_path}/none.pem", "ssl_ca_certs in the Redis URL"),
+        ("rediss://:s3cret@127.0.0.1:6379/0?ssl_cert_reqs=maybe", "ssl_cert_reqs in the Redis URL must be"),
+    ]:
+        with pytest.raises(ValueError, match=message) as e:
+            RedisLimiter(url, timeout=1.0)
+        assert "s3cret" not in str(e.value) and "none.pem" not in str(e.value) and "maybe" not in str(e.value)
+
+
+def test_the_password_is_kept_out_of_the_endpoint_repr() -> None:
+    where = RedisLimiter("redis://user:s3cret@127.0.0.1:6379/2", timeout=1.0).endpoint
+    assert where.first and b"s3cret" in where.first[0]  # sent to Redis, as AUTH
+    assert "s3cret" not in repr(where) and "s3cret" not in str(where)
