@@ -43,7 +43,7 @@ async def measure() -> dict[str, float]:
             headers = [(b"host", b"x"), (b"user-agent", b"wrk"), (b"x-api-key", raw.encode())]
 
             def exchange() -> Exchange:
-                ex = Exchange(0.0)
+                ex = Exchange(0.0, 0.0)
                 ex.method = "GET"
                 ex.headers = headers
                 ex.client_ip = "127.0.0.1"

@@ -44,7 +44,7 @@ async def measure() -> dict[str, float]:
         try:
             _, raw = await services.keys.create("bench")
             route = build_routes(config, services)[0]
-            ex0 = Exchange(0.0)
+            ex0 = Exchange(0.0, 0.0)
             ex0.headers = [(b"x-api-key", raw.encode())]
             ex0.client_ip = "127.0.0.1"
             auth = next(s for s in route.stages if isinstance(s, AuthStage))

@@ -61,7 +61,7 @@ class Exchange:
         "xff",
     )
 
-    def __init__(self, started: float, began: float = 0.0) -> None:
+    def __init__(self, started: float, began: float) -> None:
         self.started = started  # loop time, for deadlines
         self.began = began  # perf_counter(), for latencies: uvloop's loop time moves in whole milliseconds
         self.method = ""

@@ -86,18 +86,28 @@ def request_head(
 _RESPONSE_SPECIAL = HOP_BY_HOP | RESERVED_RESPONSE
 
 
-def response_headers(
-    raw: list[tuple[bytes, bytes]], drop_upgrade: bool, tokens: frozenset[bytes] = frozenset()
-) -> tuple[list[bytes], bytes | None, bool]:
+def response_headers(raw: list[tuple[bytes, bytes]], drop_upgrade: bool) -> tuple[list[bytes], bytes | None, bool]:
     """Filter an upstream response's headers; return (header lines, content-length, chunked).
 
     One pass in the common case. The names a Connection line lists are dropped too, and they are
     known only at its end: when it lists any name not dropped anyway, a second pass drops them.
     """
+    out, length, chunked, listed = _filter_response(raw, drop_upgrade, frozenset())
+    if listed:
+        extra = connection_tokens([(b"connection", v) for v in listed]) - _RESPONSE_SPECIAL
+        if extra:
+            out, length, chunked, _ = _filter_response(raw, drop_upgrade, extra)
+    return out, length, chunked
+
+
+def _filter_response(
+    raw: list[tuple[bytes, bytes]], drop_upgrade: bool, tokens: frozenset[bytes]
+) -> tuple[list[bytes], bytes | None, bool, list[bytes]]:
+    """One pass of response_headers, dropping `tokens` too; also returns the Connection lines' values."""
     out: list[bytes] = []
     length: bytes | None = None
     chunked = False
-    listed: list[bytes] | None = None
+    listed: list[bytes] = []
     for name, value in raw:
         low = name.lower()
         if low in _RESPONSE_SPECIAL or low in tokens:
@@ -108,11 +118,7 @@ def response_headers(
             elif not drop_upgrade and low in (b"upgrade", b"connection"):
                 out += (name, b": ", value, b"\r\n")
             if low == b"connection":
-                listed = [*listed, value] if listed else [value]
+                listed.append(value)
             continue
         out += (name, b": ", value, b"\r\n")
-    if listed and not tokens:
-        extra = connection_tokens([(b"connection", v) for v in listed]) - _RESPONSE_SPECIAL
-        if extra:
-            return response_headers(raw, drop_upgrade, extra)
-    return out, length, chunked
+    return out, length, chunked, listed

@@ -52,6 +52,7 @@ class KeyFormat:
         self.length = len(prefix) + 6 + RANDOM_CHARS + CHECKSUM_CHARS
         self._live = (prefix + "_live_").encode()
         self._test = (prefix + "_test_").encode()
+        self.marks = (self._live, self._test)  # how every key of this prefix begins
         self._split = self.length - CHECKSUM_CHARS
         self._body = len(self._live)
 

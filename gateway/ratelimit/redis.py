@@ -109,8 +109,11 @@ class RedisLimiter(Limiter):
         blobs, encode = self._blobs, self._encode
         parts = []
         for counters, cost, _, _ in entries:
-            cached = blobs.get(id(counters)) if cost == 1 else None  # the common case without a call
-            parts.append(cached[1] if cached is not None and cached[0] is counters else encode(counters, cost))
+            cached = blobs.get(id(counters))  # the common case without a call
+            if cached is not None and cached[0] is counters and cost == 1:  # the reference kept holds the id
+                parts.append(cached[1])
+            else:
+                parts.append(encode(counters, cost))
         blob = b"".join(parts)
         batch = _Batch(entries, self._done)
         self.round_trips += 1
@@ -126,8 +129,9 @@ class RedisLimiter(Limiter):
             # have come in time. That time was not Redis's: one more timeout from now.
             batch.timer = loop.call_later(self.timeout, self._expired, conn, batch, deadline, False)
             return
-        if batch in conn.pending:
-            conn.abort(TimeoutError())  # every batch still due on it fails: the stream is out of step
+        # Still due (an answered or failed batch cancels its timer): every batch behind it fails too,
+        # since the stream is out of step.
+        conn.abort(TimeoutError())
 
     def _done(self, batch: Waiter, err: BaseException | None) -> None:
         assert isinstance(batch, _Batch)
@@ -197,18 +201,15 @@ class RedisLimiter(Limiter):
                 fut.set_exception(err)
 
     def _encode(self, counters: Counters, cost: int) -> bytes:
-        """One EVALSHA in RESP. A request's counters are one list per key and route (the stage's plan),
-        so in production (cost 1, Redis TIME) its command is encoded once and reused: encoding it
-        each time cost more than the rest of a decision (bench/limiter_micro.py)."""
-        if cost != 1 or self.now_ms:
-            return self._build(counters, cost)
-        cached = self._blobs.get(id(counters))
-        if cached is not None and cached[0] is counters:  # the reference held keeps the id unique
-            return cached[1]
+        """One EVALSHA in RESP, on a miss of _send's lookup. A request's counters are one list per key
+        and route (the stage's plan), so in production (cost 1, Redis TIME) its command is encoded
+        once, kept, and reused: encoding it each time cost more than the rest of a decision
+        (bench/limiter_micro.py)."""
         blob = self._build(counters, cost)
-        if len(self._blobs) >= 100_000:
-            self._blobs.clear()
-        self._blobs[id(counters)] = (counters, blob)
+        if cost == 1 and not self.now_ms:
+            if len(self._blobs) >= 100_000:
+                self._blobs.clear()
+            self._blobs[id(counters)] = (counters, blob)
         return blob
 
     def _build(self, counters: Counters, cost: int) -> bytes:

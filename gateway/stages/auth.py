@@ -46,7 +46,7 @@ def _scrub(ex: Exchange, key: bytes, source: bytes | None, carriers: bool) -> No
 def _scrub_lookalikes(ex: Exchange, fmt: KeyFormat) -> None:
     """No credential came, yet a carrier header may hold a key (a page URL with ?api_key=…): replace
     whatever has the shape of one of our keys (prefix, env, checksum), so it never goes upstream."""
-    marks = (fmt.prefix + "_live_").encode(), (fmt.prefix + "_test_").encode()
+    marks = fmt.marks
     headers = ex.headers
     for i, (name, value) in enumerate(headers):
         if name not in CARRIERS or not any(m in value for m in marks):
@@ -228,7 +228,7 @@ class AuthStage:
             found = self._from_query(ex, found)
         if found is not None and (carriers or query):
             _scrub(ex, found, source, carriers)
-        elif carriers:
+        elif carriers and not self.required:  # without a key a required route refuses: nothing goes upstream
             _scrub_lookalikes(ex, auth.fmt)
         return found
 

@@ -71,4 +71,8 @@ class Spool:
             return
         # Counted out before the file goes, so nobody sees an empty spool with bytes still in it.
         self.size = max(0, self.size - size)
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            self.size += size  # still on disk, still counted against the cap
+            raise

@@ -49,7 +49,7 @@ class Harness:
                 n: int = 1) -> None:
         """`n` finished exchanges at the clock's current time."""
         for _ in range(n):
-            ex = Exchange(self.clock.time())
+            ex = Exchange(self.clock.time(), 0.0)
             ex.principal = self.principal(key) if key is not None else None
             ex.client_ip = ip
             ex.error_code = code

@@ -209,7 +209,7 @@ def test_ip_allow_stage(client: str, allow: list[str], ok: bool) -> None:
     from gateway.keys.service import check_ips
 
     stage = IPAllowStage(Metrics())
-    ex = Exchange(0.0)
+    ex = Exchange(0.0, 0.0)
     ex.client_ip = client
     ex.principal = _principal(check_ips(allow))
     if ok:

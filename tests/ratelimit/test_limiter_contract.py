@@ -292,7 +292,7 @@ async def test_redis_keys_expire_and_carry_the_owner_hash_tag(redis_url: str) ->
     client = aioredis.Redis.from_url(redis_url)
     try:
         for p in (_principal(owner, []), _principal(owner, ["5/second", "50/day"])):
-            ex = Exchange(0.0)
+            ex = Exchange(0.0, 0.0)
             ex.principal = p
             b.limiter.now_ms = 0  # the script reads Redis TIME, as in production
             pending = stage(ex)

@@ -16,6 +16,7 @@ import pytest
 
 from gateway.store import StoreUnavailable
 from gateway.usage.record import FIELDS, UsageRecord
+from gateway.usage.spool import Spool
 from gateway.usage.writer import UsageWriter
 from tests.helpers.gateway import RunningGateway
 from tests.usage.conftest import Start
@@ -292,3 +293,14 @@ async def test_queue_and_spool_gauges_follow_the_state(start: Start, spool_dir: 
     outages[0].down = False
     await gw.close()  # nothing queued; the spool stays for the next process
     assert batch_files(spool_dir)
+
+
+def test_a_batch_that_cannot_be_removed_still_counts_against_the_cap(tmp_path: Path) -> None:
+    stuck = tmp_path / "spool" / "00000000000000000001-1-000001.batch"
+    stuck.mkdir(parents=True)  # unlink() fails on it (EISDIR), as on a file the process may not remove
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    before = spool.size
+    assert before > 0
+    with pytest.raises(OSError):
+        spool.remove(stuck)
+    assert spool.size == before and stuck.exists()
