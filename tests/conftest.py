@@ -22,6 +22,7 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 from tests.helpers.net import free_port  # noqa: E402
+from tests.helpers.processes import stop_process  # noqa: E402
 from tests.helpers.stores import private_pg_schema  # noqa: E402
 from tests.helpers.upstream import RecordingUpstream  # noqa: E402
 
@@ -62,16 +63,6 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _start_httpbin(log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
     for _attempt in range(3):
         port = free_port()
@@ -90,7 +81,7 @@ def _start_httpbin(log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
             if _answers(f"{url}/get"):
                 return proc, url
             time.sleep(0.1)
-        _stop(proc)
+        stop_process(proc)
         if time.monotonic() >= deadline:
             break  # too slow, not a port taken in between: another try would not help
     log_tail = log_path.read_text(errors="replace")[-3000:]
@@ -104,7 +95,7 @@ def httpbin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield url
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 # --- stores and upstreams shared by the suites -------------------------------------------------------

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +14,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.gateway import RunningGateway
+from tests.helpers.processes import REPO, Run, cli, cli_env  # noqa: F401 - the suite imports them from here
 
-REPO = Path(__file__).resolve().parent.parent.parent
 PEPPER = "pepper-for-the-anomaly-tests-0123456789"
 ADMIN_TOKEN = "admin-token-for-the-anomaly-tests-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -97,25 +94,3 @@ def anomalies_total(gw: RunningGateway) -> dict[str, float]:
     return out
 
 
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-async def cli(config: Path, *args: str, timeout: float = 30.0) -> Run:
-    """`python -m gateway -c CONFIG ARGS…` in a subprocess, without blocking the test's loop."""
-    argv = [sys.executable, "-m", "gateway", "-c", str(config), *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["PYTHONPATH"] = str(REPO)
-
-    def run() -> Run:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=config.parent,
-                           check=False)
-        return Run(p.returncode, p.stdout, p.stderr)
-
-    return await asyncio.to_thread(run)

@@ -114,3 +114,9 @@ async def start_gateway(config: GatewayConfig, clock: Clock | None = None) -> Ru
     running = RunningGateway(proxy, services, runner, port)
     running.temp_spool = spool
     return running
+
+
+def metric(gw: RunningGateway, name: str, **labels: str) -> float:
+    """A sample of the gateway's own registry (0 when it has none yet)."""
+    value = gw.services.metrics.registry.get_sample_value(name, labels)
+    return float(value or 0.0)

@@ -1,13 +1,22 @@
-"""The gateway (and test servers) as subprocesses: a blocking GET, readiness, and stopping."""
+"""The gateway (and test servers) as subprocesses: its CLI, a blocking GET, readiness, and stopping."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent.parent
 
 
 def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -45,3 +54,32 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeo
         except subprocess.TimeoutExpired:
             proc.kill()
     return proc.wait()
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+def cli_env() -> dict[str, str]:
+    """This checkout's gateway, and none of the caller's GATEWAY_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+async def cli(config: Path, *args: str, timeout: float = 60.0) -> Run:
+    """`python -m gateway -c CONFIG ARGS…` in a subprocess, without blocking the test's loop."""
+    argv = [sys.executable, "-m", "gateway", "-c", str(config), *args]
+
+    def run() -> Run:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=cli_env(),
+                           cwd=config.parent, check=False)
+        return Run(p.returncode, p.stdout, p.stderr)
+
+    return await asyncio.to_thread(run)

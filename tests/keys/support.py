@@ -7,22 +7,16 @@ headers, odd spellings, lowercase methods) and sees every response header exactl
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from gateway.config.schema import GatewayConfig
 from gateway.keys.model import KeyRecord
-from tests.helpers.gateway import RunningGateway
+from tests.helpers.gateway import RunningGateway, metric  # noqa: F401 - the suite imports metric from here
+from tests.helpers.processes import REPO, Run, cli, cli_env  # noqa: F401 - the suite imports them from here
 from tests.helpers.raw_http import Conn, Resp, request_bytes  # noqa: F401 - the suite imports them from here
 from tests.helpers.raw_http import call as raw_call
 
-REPO = Path(__file__).resolve().parent.parent.parent
 PEPPER = "pepper-for-the-key-tests-0123456789"
 ADMIN_TOKEN = "admin-token-for-the-key-tests-0123456789"
 SIGNING_KEY = "identity-signing-key-for-tests-0123456789"
@@ -62,34 +56,6 @@ def validate(data: dict[str, Any]) -> GatewayConfig:
 
 
 # --- the CLI ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
-async def cli(config: Path, *args: str, timeout: float = 30.0) -> Run:
-    """`python -m gateway -c CONFIG ARGS…` in a subprocess, without blocking the test's loop."""
-    argv = [sys.executable, "-m", "gateway", "-c", str(config), *args]
-
-    def run() -> Run:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=cli_env(),
-                           cwd=config.parent, check=False)
-        return Run(p.returncode, p.stdout, p.stderr)
-
-    return await asyncio.to_thread(run)
 
 
 # --- raw HTTP --------------------------------------------------------------------------------------
@@ -151,6 +117,3 @@ async def new_key(gw: RunningGateway, owner: str = "alice", **kw: Any) -> tuple[
     return await gw.services.keys.create(owner, **kw)
 
 
-def metric(gw: RunningGateway, name: str, **labels: str) -> float:
-    value = gw.services.metrics.registry.get_sample_value(name, labels)
-    return float(value or 0.0)

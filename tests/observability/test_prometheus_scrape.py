@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tests.helpers.net import free_port
+from tests.helpers.processes import stop_process
 from tests.helpers.upstream import RecordingUpstream
 from tests.usage.conftest import Start
 from tests.usage.support import REPO, call
@@ -75,13 +76,7 @@ def prometheus(tmp_path: Path) -> Iterator[Any]:
         yield launch
     finally:
         for proc, _ in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, timeout=15)
 
 
 async def query(session: aiohttp.ClientSession, base: str, promql: str) -> list[dict[str, Any]]:

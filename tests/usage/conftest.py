@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from gateway.clock import Clock
-from tests.helpers.gateway import RunningGateway, start_gateway
+from tests.helpers.gateway import RunningGateway, metric, start_gateway
 from tests.helpers.upstream import RecordingUpstream
 from tests.usage.support import config_data, validate
 
@@ -26,10 +26,6 @@ Start = Callable[..., Awaitable[RunningGateway]]
 @pytest.fixture
 def spool_dir(tmp_path: Path) -> Path:
     return tmp_path / "spool"
-
-
-def dropped(gw: RunningGateway) -> float:
-    return float(gw.services.metrics.registry.get_sample_value("gateway_usage_dropped_total") or 0.0)
 
 
 def background(gw: RunningGateway) -> None:
@@ -79,6 +75,6 @@ async def start(store_url: str, up: RecordingUpstream, spool_dir: Path) -> Async
         losses = []
         for gw, expect_drops in running:
             if not expect_drops:
-                losses.append(dropped(gw))
+                losses.append(metric(gw, "gateway_usage_dropped_total"))
             await gw.close()
         assert all(n == 0 for n in losses), f"usage records were dropped: {losses}"

@@ -29,10 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config.schema import GatewayConfig
 from tests.helpers.configs import write_config
 from tests.helpers.net import free_port
-from tests.helpers.processes import http_get, stop_process, wait_ready
+from tests.helpers.processes import REPO, Run, cli, cli_env, http_get, stop_process, wait_ready  # noqa: F401 - the suite imports them from here
 from tests.helpers.raw_http import Conn, Resp, call, call_raw, request_bytes  # noqa: F401 - the suite imports them from here
 
-REPO = Path(__file__).resolve().parent.parent.parent
 PEPPER = "pepper-for-the-usage-tests-0123456789"
 ADMIN_TOKEN = "admin-token-for-the-usage-tests-0123456789"
 START_TIMEOUT = 30.0
@@ -238,12 +237,6 @@ def label_values(samples: Samples, name: str, label: str) -> set[str]:
 # --- `gateway run` as a subprocess -----------------------------------------------------------------
 
 
-def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
 class GatewayProcess:
     """`python -m gateway run -c FILE [--workers N]` on free loopback ports; stdout and stderr to files."""
 
@@ -299,10 +292,3 @@ class GatewayProcess:
         return stop_process(self.proc, sig, timeout)
 
 
-async def cli(config: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """`python -m gateway -c CONFIG ARGS…` without blocking the test's loop."""
-    argv = [sys.executable, "-m", "gateway", "-c", str(config), *args]
-    return await asyncio.to_thread(
-        subprocess.run, argv, capture_output=True, text=True, timeout=timeout, env=cli_env(),
-        cwd=config.parent, check=False,
-    )

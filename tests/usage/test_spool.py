@@ -18,7 +18,7 @@ from gateway.store import StoreUnavailable
 from gateway.usage.record import FIELDS, UsageRecord
 from gateway.usage.spool import Spool
 from gateway.usage.writer import UsageWriter
-from tests.helpers.gateway import RunningGateway
+from tests.helpers.gateway import RunningGateway, metric
 from tests.usage.conftest import Start
 from tests.usage.support import (
     Conn,
@@ -86,10 +86,6 @@ def writer(gw: RunningGateway) -> UsageWriter:
     return gw.services.usage
 
 
-def sample(gw: RunningGateway, name: str) -> float:
-    return float(gw.services.metrics.registry.get_sample_value(name) or 0.0)
-
-
 async def scrape(gw: RunningGateway) -> dict[Any, float]:
     conn = await Conn.open(gw.admin_port)
     try:
@@ -155,8 +151,8 @@ async def test_store_down_batches_spool_to_disk_and_replay_oldest_first(
     ]
     # each batch was written while its file still existed, and its file was the oldest one left
     assert [c[1] for c in calls] == [files, files[1:], files[1:], files[2:], files[3:]]
-    assert sample(gw, "gateway_usage_spool_bytes") == 0
-    assert sample(gw, "gateway_usage_store_up") == 1
+    assert metric(gw, "gateway_usage_spool_bytes") == 0
+    assert metric(gw, "gateway_usage_store_up") == 1
 
 
 async def test_spool_files_survive_a_restart_and_are_replayed_by_the_next_process(
@@ -197,8 +193,8 @@ async def test_postgres_stopped_then_started_nothing_lost(start: Start, pg_store
                 ids.append(resp.request_id)
             await wait_for(lambda: sum(len(b) for b in spooled_ids(spool_dir)) == 40, 10,
                            what="40 spooled records")
-            assert sample(gw, "gateway_usage_store_up") == 0
-            assert sample(gw, "gateway_usage_spool_bytes") > 0
+            assert metric(gw, "gateway_usage_store_up") == 0
+            assert metric(gw, "gateway_usage_spool_bytes") > 0
         finally:
             await pg.astart()
         ids += [(await conn.request("GET", f"/open/after/{i}")).request_id for i in range(10)]
@@ -207,8 +203,8 @@ async def test_postgres_stopped_then_started_nothing_lost(start: Start, pg_store
     rows = await wait_rows(pg_store_url, 60, timeout=20)
     assert sorted(r["request_id"] for r in rows) == sorted(ids)
     await wait_for(lambda: batch_files(spool_dir) == [], 5, what="an empty spool")
-    assert sample(gw, "gateway_usage_spool_bytes") == 0
-    assert sample(gw, "gateway_usage_store_up") == 1
+    assert metric(gw, "gateway_usage_spool_bytes") == 0
+    assert metric(gw, "gateway_usage_store_up") == 1
 
 
 async def test_shed_at_the_spool_cap_answers_503_on_metered_routes(start: Start, store_url: str,
@@ -239,7 +235,7 @@ async def test_shed_at_the_spool_cap_answers_503_on_metered_routes(start: Start,
     rows = await wait_rows(store_url, 5)
     assert sorted(r["request_id"] for r in rows) == sorted(r.request_id for r in [served, *shed, again])
     assert sorted(r["status"] for r in rows) == [200, 200, 503, 503, 503]
-    assert sample(gw, "gateway_usage_dropped_total") == 0
+    assert metric(gw, "gateway_usage_dropped_total") == 0
 
 
 async def test_drop_at_the_spool_cap_serves_and_counts_the_lost_records(start: Start, store_url: str,
@@ -253,12 +249,10 @@ async def test_drop_at_the_spool_cap_serves_and_counts_the_lost_records(start: S
     assert first.status == 200
     await wait_for(lambda: batch_files(spool_dir), 5, what="a spooled batch")
     await spool_settled(gw, spool_dir)
-    lost = []
     for i in range(5):
         resp = await call(gw.port, "GET", f"/orders/{i}", bearer(key))
         assert resp.status == 200, resp.body  # served: `drop` never refuses
-        lost.append(resp.request_id)
-    await wait_for(lambda: sample(gw, "gateway_usage_dropped_total") == 5, 5, what="5 dropped records")
+    await wait_for(lambda: metric(gw, "gateway_usage_dropped_total") == 5, 5, what="5 dropped records")
     metrics = await scrape(gw)
     assert total(metrics, "gateway_usage_dropped_total") == 5
     assert len(batch_files(spool_dir)) == 1  # nothing past the cap was written
@@ -267,7 +261,7 @@ async def test_drop_at_the_spool_cap_serves_and_counts_the_lost_records(start: S
     after = await call(gw.port, "GET", "/orders/after", bearer(key))
     rows = await wait_rows(store_url, 2)
     assert sorted(r["request_id"] for r in rows) == sorted([first.request_id, after.request_id])
-    assert sample(gw, "gateway_usage_dropped_total") == 5
+    assert metric(gw, "gateway_usage_dropped_total") == 5
 
 
 async def test_queue_and_spool_gauges_follow_the_state(start: Start, spool_dir: Path, store_url: str) -> None:

@@ -18,7 +18,7 @@ from gateway.keys.format import generate
 from gateway.store.base import UsageStore
 from gateway.usage.record import FIELDS, UsageRecord
 from gateway.usage.writer import UsageWriter
-from tests.helpers.gateway import RunningGateway
+from tests.helpers.gateway import metric
 from tests.helpers.upstream import RecordingUpstream
 from tests.usage.conftest import Start
 from tests.usage.support import (
@@ -45,10 +45,6 @@ def uuid7_ms(request_id: str) -> int:
     assert u.variant == uuid.RFC_4122, request_id
     assert str(u) == request_id  # canonical lowercase text form
     return u.int >> 80
-
-
-def written(gw: RunningGateway) -> float:
-    return float(gw.services.metrics.registry.get_sample_value("gateway_usage_written_total") or 0.0)
 
 
 def record_writes(store: Any) -> list[tuple[float, list[UsageRecord]]]:
@@ -171,9 +167,7 @@ async def test_records_are_written_in_batches_of_at_most_batch_size(start: Start
         assert writes == []  # 4 < batch_size: nothing wakes the writer yet
         assert gw.services.metrics.registry.get_sample_value("gateway_usage_queue_depth") == 4
         ids += [(await conn.request("GET", f"/open/{i}")).request_id for i in range(4, 23)]
-        t = time.monotonic()
         await wait_for(lambda: len({r.request_id for _, b in writes for r in b}) >= 20, 5, what="20 records")
-        assert time.monotonic() - t < 5  # long before the interval
     finally:
         await conn.close()
     def queued() -> float:
@@ -214,12 +208,12 @@ async def test_writes_are_idempotent_on_request_id(start: Start, store_url: str,
     await wait_rows(store_url, 4)
     batch = [r for _, b in writes for r in b]
     assert [r.request_id for r in batch] == ids
-    before = written(gw)
+    before = metric(gw, "gateway_usage_written_total")
 
     # the same records through the writer's queue again (a replay after a crash, say)
     for r in batch:
         writer.put(r)
-    await wait_for(lambda: written(gw) >= before + 4, 5, what="the second write")
+    await wait_for(lambda: metric(gw, "gateway_usage_written_total") >= before + 4, 5, what="the second write")
     assert len(await usage_rows(store_url)) == 4
 
     # the same batch straight to the store, twice, and mixed with a new record
@@ -265,7 +259,7 @@ async def test_a_stuck_store_never_delays_a_response(start: Start, store_url: st
             ids.append(resp.request_id)
         assert slowest < 0.5, slowest
         depth = gw.services.metrics.registry.get_sample_value("gateway_usage_queue_depth")
-        assert depth is not None and depth >= 190, depth  # queued behind the stuck write
+        assert depth == len(ids) - 1, depth  # all but the first, which the stuck write holds
     finally:
         release.set()
         await conn.close()
