@@ -181,7 +181,7 @@ def run_scenario(
             _sanity(t, scen.path, hdrs, expect)
             warm = measure(
                 procs, t, THROUGHPUT, path=scen.path, duration=WARMUP_SECONDS, headers=hdrs,
-                load_cpus=load_cpus, log=logs / f"warmup-{t.name}.txt", helpers=[upstream.proc],
+                load_cpus=load_cpus, log=logs / f"warmup-{t.name}.txt", helpers=[upstream.proc, *setup.helpers],
                 script=scripts[t.name],
             )
             if warm["errors"]:
@@ -196,7 +196,7 @@ def run_scenario(
                     r = measure(
                         procs, t, mode, path=scen.path, duration=args.duration,
                         headers=gw_headers if t.name == report.OURS else headers,
-                        load_cpus=load_cpus, log=logs / f"{rnd}-{mode}-{t.name}.txt", helpers=[upstream.proc],
+                        load_cpus=load_cpus, log=logs / f"{rnd}-{mode}-{t.name}.txt", helpers=[upstream.proc, *setup.helpers],
                         script=scripts[t.name],
                     )
                     r["round"] = rnd

@@ -79,11 +79,11 @@ def check_config(workdir: Path, path: Path, source: Path = REPO) -> None:
 
 def start_gateway(
     procs: Procs, workdir: Path, config: dict[str, Any], workers: int, cpus: Sequence[int] | None,
-    log_level: str = "INFO", source: Path = REPO,
+    source: Path = REPO,
 ) -> Proc:
     path = write_config(workdir, config)
     check_config(workdir, path, source)
-    argv = [sys.executable, "-m", "gateway", "run", "-c", str(path), "--log-level", log_level]
+    argv = [sys.executable, "-m", "gateway", "run", "-c", str(path), "--log-level", "INFO"]
     if workers > 1:
         argv += ["--workers", str(workers)]
     proc = procs.start(

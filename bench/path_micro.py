@@ -47,11 +47,9 @@ class Sink(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.last = b""
-        self.writes = 0
 
     def write(self, data: Any) -> None:
         self.last = bytes(data)
-        self.writes += 1
 
     def writelines(self, list_of_data: Iterable[Any]) -> None:
         self.write(b"".join(list_of_data))

@@ -37,12 +37,10 @@ class Proc:
         log: Path,
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
-        stop_signal: int = signal.SIGTERM,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log = log
-        self.stop_signal = stop_signal
         affinity = set(cpus) if cpus else None
 
         def pin() -> None:  # runs in the child between fork and exec: everything it starts inherits it
@@ -82,7 +80,7 @@ class Proc:
         """Signal the whole process group, wait, then SIGKILL whatever is left."""
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, self.stop_signal)
+                os.killpg(self.pid, signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -202,7 +200,9 @@ class CpuMeter:
         warnings = []
         gone = set(self.before) - set(after)
         if gone:
-            warnings.append(f"processes {sorted(gone)} exited during the run: their CPU time is missing")
+            # Reaped by a process of the tree, their whole lifetime's CPU lands in its parent's
+            # cutime/cstime: counted, and then some (what they spent before the run too).
+            warnings.append(f"processes {sorted(gone)} exited during the run: their CPU time may be over-counted")
         ticks = sum(after[p] - self.before.get(p, 0) for p in after)
         return ticks / CLK_TCK, warnings
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.nginx import BIG_PATH
-from bench.procs import Procs
+from bench.procs import Proc, Procs
 
 KEY_COUNT = 1000
 
@@ -39,6 +39,7 @@ class Setup:
     source: Path | None = None  # where the gateway package is imported from
     gateway_headers: dict[str, str] | None = None  # what wrk sends the gateway, when not the anchor's
     gateway_keys: list[str] | None = None  # with Scenario.rotate: the gateway's keys, in turn
+    helpers: list[Proc] = field(default_factory=list)  # started for the run (Redis): not background load
 
     @property
     def route(self) -> dict[str, Any]:
@@ -166,6 +167,7 @@ def real_keys_redis(setup: Setup) -> None:
         log=setup.workdir / "redis.log",
     )
     wait_port(redis, port)
+    setup.helpers.append(redis)
     real_keys(setup, f"redis://127.0.0.1:{port}/0")
 
 

@@ -61,15 +61,8 @@ async def measure() -> dict[str, float]:
                 )
                 exchanges = []
                 for i in range(N):
-                    ex = Exchange(loop.time(), time.perf_counter())
-                    ex.method = "GET"
-                    ex.route = route
-                    ex.status = 200
-                    ex.upstream_status = 200
-                    ex.principal = principal
-                    ex.client_ip = "127.0.0.1"
+                    ex = exchanges_template(route, principal, loop.time())
                     ex.request_id = f"01900000-0000-7000-8000-{i:012d}{label[-1]}"[:36]
-                    ex.upstream_started = ex.started
                     exchanges.append(ex)
                 start = time.process_time()
                 for ex in exchanges:
