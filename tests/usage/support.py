@@ -27,6 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config.schema import GatewayConfig
+from gateway.keys.peppers import sqlite_path
 from tests.helpers.configs import write_config
 from tests.helpers.net import free_port
 from tests.helpers.processes import REPO, Run, cli, cli_env, http_get, stop_process, wait_ready  # noqa: F401 - the suite imports them from here
@@ -74,10 +75,6 @@ def validate(data: dict[str, Any]) -> GatewayConfig:
     return GatewayConfig.model_validate(data)
 
 
-def sqlite_file(store_url: str) -> str | None:
-    return store_url[len("sqlite:///"):] if store_url.startswith("sqlite:///") else None
-
-
 def bearer(key: str) -> list[tuple[str, str]]:
     return [("Authorization", f"Bearer {key}")]
 
@@ -120,9 +117,9 @@ def _sqlite_rows(path: str) -> list[dict[str, Any]]:
 
 async def usage_rows(store_url: str) -> list[dict[str, Any]]:
     """Every raw usage record, read with plain SQL; `at` as epoch seconds."""
-    path = sqlite_file(store_url)
+    path = sqlite_path(store_url)
     if path is not None:
-        return await asyncio.to_thread(_sqlite_rows, path)
+        return await asyncio.to_thread(_sqlite_rows, str(path))
     conn = await pg_connect(store_url)
     try:
         rows = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM usage_records")
