@@ -14,11 +14,9 @@ usage records, reports and rollups in sqlite_usage.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from urllib.parse import unquote, urlsplit
 
@@ -26,7 +24,7 @@ from gateway.store.base import KeyStore, StoreUnavailable, UsageStore
 from gateway.store.migrate import list_migrations
 from gateway.store.sqlite_keys import SQLiteKeys
 from gateway.store.sqlite_usage import SQLiteUsage
-from gateway.store.sqlite_worker import BUSY_TIMEOUT, MEMORY, open_connection, ts, write_transaction
+from gateway.store.sqlite_worker import BUSY_TIMEOUT, MEMORY, Lane, open_connection, ts, write_transaction
 
 _MIGRATIONS_TABLE = (
     "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT NOT NULL PRIMARY KEY, applied_at TEXT NOT NULL)"
@@ -58,66 +56,47 @@ class SQLiteStore(SQLiteKeys, SQLiteUsage, KeyStore, UsageStore):
         self.path = parse_sqlite_url(url)
         self.busy_timeout = busy_timeout
         self.migrations_applied: list[str] = []  # what the last open() applied
-        self._executor = None
-        self._conn = None  # used only on the executor's thread
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self._executor is not None:
+        if self._writer is not None:
             return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite")
-        loop = asyncio.get_running_loop()
+        self._writer = Lane("gateway-sqlite")
         try:
-            await loop.run_in_executor(self._executor, self._connect)
+            await self._writer.open(self._connect)
             self.migrations_applied = await self.migrate()
             if self.path != MEMORY:
-                self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite-read")
-                await loop.run_in_executor(self._reader, self._connect_reader)
+                self._reader = Lane("gateway-sqlite-read")
+                await self._reader.open(self._connect_reader)
         except BaseException:
             await self.close()
             raise
 
-    def _connect(self) -> None:
+    def _connect(self) -> sqlite3.Connection:
         if self.path != MEMORY:
             try:
                 _create_private_file(self.path)
             except OSError as exc:
                 raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
-        self._conn = open_connection(self.path, self.busy_timeout)
+        return open_connection(self.path, self.busy_timeout)
 
-    def _connect_reader(self) -> None:
+    def _connect_reader(self) -> sqlite3.Connection:
         conn = open_connection(self.path, self.busy_timeout)
         conn.execute("PRAGMA query_only = ON")
-        self._reader_conn = conn
+        return conn
 
     async def close(self) -> None:
         # Closed from the first await on: a call made meanwhile fails as "not open" instead of
         # starting a usage writer process that nothing would stop.
-        executor, self._executor = self._executor, None
+        writer, self._writer = self._writer, None
+        reader, self._reader = self._reader, None
         usage, self._usage_process = self._usage_process, None
         if usage is not None:
             await usage.close()
-        loop = asyncio.get_running_loop()
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            await loop.run_in_executor(reader, self._disconnect, "_reader_conn")
-            reader.shutdown(wait=False)
-        if executor is None:
-            return
-        try:
-            await loop.run_in_executor(executor, self._disconnect)
-        finally:
-            executor.shutdown(wait=False)
-
-    def _disconnect(self, which: str = "_conn") -> None:
-        conn = getattr(self, which)
-        setattr(self, which, None)
-        if conn is not None:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
+        for lane in (reader, writer):
+            if lane is not None:
+                await lane.close()
 
     async def migrate(self) -> list[str]:
         return await self._run(_migrate)

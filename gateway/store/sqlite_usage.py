@@ -34,7 +34,7 @@ class SQLiteUsage(SQLiteWorker):
     def _usage_writer(self) -> UsageProcess:
         # Batches go to a child process: a writer thread here, however little of the GIL it took,
         # stalled the event loop for milliseconds per batch (bench/usage_micro.py).
-        if self._executor is None:
+        if self._writer is None:
             raise StoreUnavailable("the SQLite store is not open")
         if self._usage_process is None:
             self._usage_process = UsageProcess(self.path, self.busy_timeout)

@@ -26,36 +26,61 @@ BUSY_TIMEOUT = 5.0  # seconds to wait for another process's write lock
 MEMORY = ":memory:"
 
 
+class Lane:
+    """One connection and the one thread that ever uses it."""
+
+    def __init__(self, name: str) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.conn: sqlite3.Connection | None = None
+
+    async def open(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        def make() -> None:
+            self.conn = connect()
+
+        await asyncio.get_running_loop().run_in_executor(self.executor, make)
+
+    async def close(self) -> None:
+        def disconnect() -> None:
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, disconnect)
+        finally:
+            self.executor.shutdown(wait=False)
+
+
 class SQLiteWorker:
-    """The connection and its worker thread, shared by the key and usage parts of SQLiteStore."""
+    """The store's connections and their threads, shared by the key and usage parts of SQLiteStore:
+    a writer lane for every statement, and a reader lane for key lookups (file databases only)."""
 
     path: str
     busy_timeout: float
-    _executor: ThreadPoolExecutor | None
-    _conn: sqlite3.Connection | None  # used only on the executor's thread
-    _reader: ThreadPoolExecutor | None = None  # key lookups (file databases only)
-    _reader_conn: sqlite3.Connection | None = None  # used only on the reader's thread
+    _writer: Lane | None = None
+    _reader: Lane | None = None
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        executor = self._executor
-        if executor is None:
+        lane = self._writer
+        if lane is None:
             raise StoreUnavailable("the SQLite store is not open")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self._call, fn, "_conn")
+        return await asyncio.get_running_loop().run_in_executor(lane.executor, self._call, fn, lane)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """A read on the data path (a key lookup) on its own connection and thread: never queued
         behind a write that waits for the write lock. Another process (the usage writer) may hold it,
         and SQLite's busy wait sleeps in steps of up to 100 ms. An in-memory database has one
         connection only."""
-        executor = self._reader
-        if executor is None:
+        lane = self._reader
+        if lane is None:
             return await self._run(fn)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self._call, fn, "_reader_conn")
+        return await asyncio.get_running_loop().run_in_executor(lane.executor, self._call, fn, lane)
 
-    def _call(self, fn: Callable[[sqlite3.Connection], T], which: str) -> T:
-        conn = getattr(self, which)
+    def _call(self, fn: Callable[[sqlite3.Connection], T], lane: Lane) -> T:
+        conn = lane.conn
         if conn is None:
             raise StoreUnavailable("the SQLite store is not open")
         try:

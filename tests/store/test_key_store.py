@@ -509,7 +509,8 @@ async def test_sqlite_statements_run_off_the_event_loop_thread(tmp_path: Path) -
     store = SQLiteStore(f"sqlite:///{tmp_path / 'keys.db'}")
     await store.open()
     seen: list[str] = []
-    conn = store._conn
+    assert store._writer is not None
+    conn = store._writer.conn
     assert conn is not None
     conn.set_trace_callback(lambda _sql: seen.append(threading.current_thread().name))
     try:
