@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.gateway import RunningGateway
+from tests.helpers.polling import wait_for
 from tests.helpers.processes import REPO, Run, cli, cli_env  # noqa: F401 - the suite imports them from here
 
 PEPPER = "pepper-for-the-anomaly-tests-0123456789"
@@ -73,14 +73,8 @@ def assert_problem(resp: Resp, status: int, code: str) -> None:
 
 async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 5.0) -> T:
     """Poll `check` until it returns something truthy (events are recorded by a background task)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
+    result: T = await wait_for(check, timeout, 0.01, "the check")
+    return result
 
 
 def anomalies_total(gw: RunningGateway) -> dict[str, float]:

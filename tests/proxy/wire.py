@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tests.helpers.gateway import RunningProxy, make_config, start_proxy
+from tests.helpers.polling import wait_for
 from tests.helpers.raw_http import Resp
 from tests.helpers.upstream import RecordingUpstream, ok
 
@@ -240,12 +241,7 @@ def assert_problem(resp: Resp, status: int, code: str) -> dict[str, Any]:
 
 async def eventually(check: Callable[[], bool], timeout: float = 2.0) -> None:
     """Wait until check() holds (an upstream received something, say)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
+    await wait_for(check, timeout, 0.005, "the condition")
 
 
 class ScriptedUpstream:

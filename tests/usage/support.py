@@ -15,8 +15,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from gateway.config.schema import GatewayConfig
 from gateway.keys.peppers import sqlite_path
 from tests.helpers.configs import write_config
 from tests.helpers.net import free_port
+from tests.helpers.polling import wait_for
 from tests.helpers.processes import REPO, Run, cli, cli_env, http_get, stop_process, wait_ready  # noqa: F401 - the suite imports them from here
 from tests.helpers.raw_http import Conn, Resp, call, call_raw, request_bytes  # noqa: F401 - the suite imports them from here
 
@@ -133,20 +132,6 @@ async def usage_rows(store_url: str) -> list[dict[str, Any]]:
     return out
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, every: float = 0.05,
-                   what: str = "condition") -> Any:
-    """Poll an (async or plain) predicate until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = predicate()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-        await asyncio.sleep(every)
 
 
 async def wait_rows(store_url: str, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
