@@ -12,6 +12,7 @@ from typing import Any
 
 from gateway.config.schema import GatewayConfig
 from gateway.errors import GatewayError
+from gateway.http.connection import ConnectionBase
 from gateway.http.exchange import Exchange
 from gateway.http.server import ClientConnection
 from gateway.http.upstream import UpstreamPool
@@ -107,7 +108,7 @@ class ProxyServer:
             )
         self.pipeline = Pipeline(self.router, ClientIP(list(config.trusted_proxies)))
         self.pool = UpstreamPool(loop, config.upstream_keepalive, config.upstream_idle_timeout)
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[ConnectionBase] = set()
         self.tasks = Tasks()
         self.draining = False
         self.date = b""

@@ -17,7 +17,7 @@ from gateway.http.exchange import BODY_CHUNKED, Exchange
 from gateway.http.heads import response_headers
 
 if TYPE_CHECKING:
-    from gateway.http.server import ClientConnection
+    from gateway.http.forwarding import Forwarding
     from gateway.routing import Upstream
 
 MAX_RESPONSE_HEADERS = 256
@@ -39,7 +39,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.ex: Exchange | None = None
-        self.client: ClientConnection | None = None
+        self.client: Forwarding | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = self.head_raw = 0
         self.reason = b""
@@ -67,7 +67,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.ex = self.client = None
         if self.tunnel:
-            client.abort()
+            client.tunnel_ended(clean=exc is None)
             return
         if self.eof_body and not self.informational:
             client.response_done(ex, self)  # close-delimited body ends here
@@ -94,7 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.forget(self)
 
     # --- sending ---------------------------------------------------------------------------
-    def send(self, ex: Exchange, client: ClientConnection, head: bytes, now: float) -> None:
+    def send(self, ex: Exchange, client: Forwarding, head: bytes, now: float) -> None:
         """Write the request head and whatever body is already buffered."""
         assert self.transport is not None
         if self.skip_body or self.parser is None:
@@ -237,7 +237,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex = self.client = None
         self._finish(ex, client)
 
-    def _finish(self, ex: Exchange, client: ClientConnection) -> None:
+    def _finish(self, ex: Exchange, client: Forwarding) -> None:
         self.pool.busy.discard(self)
         if not ex.body_complete:
             self.reusable = False  # the upstream answered before the body ended
