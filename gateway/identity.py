@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 _HEADER = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=")
@@ -36,7 +37,7 @@ def sign(claims: dict[str, Any], key: bytes) -> bytes:
 
 
 def identity_claims(
-    key_id: str, owner: str, scopes: list[str], env: str, request_id: str, now: float, lifetime: float
+    key_id: str, owner: str, scopes: Sequence[str], env: str, request_id: str, now: float, lifetime: float
 ) -> dict[str, Any]:
     return {
         "kid": key_id,

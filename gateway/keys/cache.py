@@ -10,6 +10,7 @@ than `max_stale` still serve; anything else is refused as unavailable, never let
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 from collections import OrderedDict
@@ -39,11 +40,20 @@ class CachedKey:
         self.expiry = exp.timestamp() if exp is not None else INF
         self.sunset = formatdate(self.expiry, usegmt=True).encode() if exp is not None else None
         self.rotating = record.rotated_to is not None
-        self.granted = frozenset(record.scopes)
-        self.scopes_header = " ".join(record.scopes).encode()
-        self.networks: tuple[IPNetwork, ...] | None = (
-            tuple(ipaddress.ip_network(n, strict=False) for n in record.allow_ips) if record.allow_ips else None
-        )
+        self.granted, self.scopes_header = _granted(record.scopes)
+        self.networks = _networks(record.allow_ips) if record.allow_ips else None
+
+
+# Keys mostly share a handful of scope sets and allowlists: one object each, not one per key, keeps
+# the long-lived heap that every full garbage collection walks smaller (bench `keys_100k`).
+@functools.lru_cache(maxsize=4096)
+def _granted(scopes: tuple[str, ...]) -> tuple[frozenset[str], bytes]:
+    return frozenset(scopes), " ".join(scopes).encode()
+
+
+@functools.lru_cache(maxsize=4096)
+def _networks(allow_ips: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in allow_ips)
 
 
 def _unchanged(cached: KeyRecord, stored: KeyRecord) -> bool:

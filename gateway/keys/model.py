@@ -24,9 +24,12 @@ class KeyRecord:
     digest: bytes
     pepper_version: int
     hint: str
-    scopes: list[str] = field(default_factory=list)
-    allow_ips: list[str] = field(default_factory=list)
-    limits: list[str] = field(default_factory=list)
+    # Tuples, not lists: a tuple of strings drops out of the garbage collector's sight, and a
+    # process with 10^5 cached keys would otherwise walk three more containers per key in each
+    # full collection (bench `keys_100k`).
+    scopes: tuple[str, ...] = ()
+    allow_ips: tuple[str, ...] = ()
+    limits: tuple[str, ...] = ()
     status: str = "active"  # active | suspended | revoked
     created_at: datetime = field(default_factory=utcnow)
     expires_at: datetime | None = None

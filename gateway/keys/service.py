@@ -69,16 +69,16 @@ def check_env(env: str) -> str:
     return env
 
 
-def check_scopes(scopes: list[str]) -> list[str]:
+def check_scopes(scopes: list[str]) -> tuple[str, ...]:
     if not isinstance(scopes, list):
         raise InvalidInput("scopes", "must be a list")
     for s in scopes:
         if not isinstance(s, str) or not _SCOPE.match(s):
             raise InvalidInput("scopes", f"{s!r} is not a scope (like orders:read, orders:* or *)")
-    return list(dict.fromkeys(scopes))
+    return tuple(dict.fromkeys(scopes))
 
 
-def check_ips(ips: list[str]) -> list[str]:
+def check_ips(ips: list[str]) -> tuple[str, ...]:
     if not isinstance(ips, list):
         raise InvalidInput("allow_ips", "must be a list")
     out = []
@@ -87,17 +87,17 @@ def check_ips(ips: list[str]) -> list[str]:
             out.append(str(parse_network(ip)))
         except ValueError as e:
             raise InvalidInput("allow_ips", str(e)) from None
-    return list(dict.fromkeys(out))
+    return tuple(dict.fromkeys(out))
 
 
-def check_limits(limits: list[str]) -> list[str]:
+def check_limits(limits: list[str]) -> tuple[str, ...]:
     if not isinstance(limits, list) or not all(isinstance(lim, str) for lim in limits):
         raise InvalidInput("limits", "must be a list of rates such as 100/minute")
     try:
         check_rates(limits)
     except ValueError as e:
         raise InvalidInput("limits", str(e)) from None
-    return list(limits)
+    return tuple(limits)
 
 
 def check_duration(field: str, value: str) -> float:
@@ -304,9 +304,9 @@ class KeyService:
             digest=b"",
             pepper_version=self.peppers.current.version,
             hint="",
-            scopes=list(old.scopes),
-            allow_ips=list(old.allow_ips),
-            limits=list(old.limits),
+            scopes=old.scopes,
+            allow_ips=old.allow_ips,
+            limits=old.limits,
             created_at=now,
             expires_at=now + timedelta(seconds=self.default_ttl) if self.default_ttl and old.expires_at else None,
             rotated_from=old.id,

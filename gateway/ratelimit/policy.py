@@ -13,6 +13,7 @@ the first window, which is exactly what a per-key quota's users do not expect.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.config.units import RATE_PERIODS, parse_rate
@@ -39,7 +40,7 @@ class Limit:
         return Limit(self.name, max(1, math.ceil(self.count / divisor)), self.period)
 
 
-def parse_limits(rates: list[str], prefix: str = "") -> list[Limit]:
+def parse_limits(rates: Sequence[str], prefix: str = "") -> list[Limit]:
     out = []
     for rate in rates:
         count, period = parse_rate(rate)

@@ -131,7 +131,7 @@ async def test_ip_allowlist_ipv6_and_ipv4_mapped(gw: RunningGateway, up: Recordi
     _, v6 = await new_key(gw, allow_ips=["::1/128"])
     _, v4 = await new_key(gw, allow_ips=["127.0.0.1/32"])
     mapped_rec, mapped_entry = await new_key(gw, allow_ips=["::ffff:127.0.0.0/104"])
-    assert mapped_rec.allow_ips == ["127.0.0.0/8"]  # stored as IPv4
+    assert mapped_rec.allow_ips == ("127.0.0.0/8",)  # stored as IPv4
     # a dual-stack listener: IPv4 clients arrive as ::ffff:127.0.0.1
     sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

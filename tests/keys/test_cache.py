@@ -59,12 +59,30 @@ async def test_a_refreshed_key_keeps_its_entry_unless_it_changed(start: Start, c
     assert second is first and second.fetched == clock.time()
     stored = await gw.services.store.get_key(rec.id)
     assert stored is not None
-    stored.scopes = ["orders:read", "orders:write"]
+    stored.scopes = ("orders:read", "orders:write")
     await gw.services.store.update_key(stored, None)  # as another process would: no local invalidation
     clock.advance(10)
     assert (await call(gw, "GET", "/any/x", bearer(key))).status == 200
     [third] = [e for e in cache.positive.values() if e.record.id == rec.id]
     assert third is not first and third.granted == {"orders:read", "orders:write"}
+
+
+async def test_a_cached_key_leaves_few_objects_for_the_garbage_collector(gw: RunningGateway) -> None:
+    """With 10^5 keys, every full collection walks each key's cached state: its lists of scopes,
+    addresses and limits are tuples of strings (untracked once a collection has seen them), and
+    keys with the same scopes share one set of them."""
+    import gc
+
+    first, key1 = await new_key(gw, scopes=["orders:read"], allow_ips=["127.0.0.0/8"])
+    second, key2 = await new_key(gw, scopes=["orders:read"], allow_ips=["127.0.0.0/8"])
+    for key in (key1, key2):
+        assert (await call(gw, "GET", "/any/x", bearer(key))).status == 200
+    entries = {e.record.id: e for e in gw.services.cache.positive.values()}
+    a, b = entries[first.id], entries[second.id]
+    gc.collect()
+    for field in (a.record.scopes, a.record.allow_ips, a.record.limits):
+        assert not gc.is_tracked(field), field
+    assert a.granted is b.granted and a.networks is b.networks
 
 
 def test_cache_ttl_is_capped_at_30s() -> None:

@@ -217,7 +217,7 @@ async def test_a_change_interleaved_with_a_revoke_does_not_undo_it(gw: RunningGa
     await revoke
     store.get_key = real_get  # type: ignore[method-assign]
     stored = await gw.services.keys.get(rec.id)
-    assert stored.status == "revoked" and stored.scopes == ["orders:write"]
+    assert stored.status == "revoked" and stored.scopes == ("orders:write",)
     problem(await call(gw, "GET", "/any/x", bearer(key)), 401, "invalid_api_key")
 
     # and a rotation interleaved with a revoke leaves the old key revoked

@@ -133,7 +133,7 @@ async def test_two_own_limits_of_one_period_each_count_once(start: Start, up: Re
     with pytest.raises(InvalidInput):
         await gw.services.keys.create("alice", limits=["5/minute", "3/minute"])
     record, key = await gw.services.keys.create("alice", limits=["3/minute"])
-    record.limits = ["5/minute", "3/minute"]
+    record.limits = ("5/minute", "3/minute")
     await gw.services.store.update_key(record, None)
     gw.services.cache.invalidate(record.id)
     answers = [await get(gw, key) for _ in range(4)]

@@ -41,9 +41,9 @@ def make_key(
         digest=digest(n),
         pepper_version=1,
         hint=f"gk_test_…{n:04d}",
-        scopes=["read"],
-        allow_ips=[],
-        limits=["100/s"],
+        scopes=("read",),
+        allow_ips=(),
+        limits=("100/s",),
         created_at=created_at,
     )
     return replace(record, **fields)  # type: ignore[arg-type]
@@ -162,9 +162,9 @@ async def test_update_key_writes_every_mutable_field_and_its_audit(store: KeySto
         digest=digest(4),
         pepper_version=7,
         hint="gk_live_…9999",
-        scopes=["read", "write"],
-        allow_ips=["10.0.0.0/8"],
-        limits=["5/s", "1000/d"],
+        scopes=("read", "write"),
+        allow_ips=("10.0.0.0/8",),
+        limits=("5/s", "1000/d"),
         status="revoked",
         created_at=T0,
         expires_at=T0 + timedelta(days=30),
@@ -361,11 +361,11 @@ async def test_json_fields_round_trip(store: KeyStore) -> None:
     full = make_key(
         "k1",
         1,
-        scopes=["read", "write:keys", "ünïcode", "quote\"and'apostrophe"],
-        allow_ips=["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"],
-        limits=["100/s", "10000/d"],
+        scopes=("read", "write:keys", "ünïcode", "quote\"and'apostrophe"),
+        allow_ips=("10.0.0.0/8", "2001:db8::/32", "192.0.2.7"),
+        limits=("100/s", "10000/d"),
     )
-    empty = make_key("k2", 2, scopes=[], allow_ips=[], limits=[])
+    empty = make_key("k2", 2, scopes=(), allow_ips=(), limits=())
     change: dict[str, object] = {
         "scopes": {"from": ["read"], "to": ["read", "write"]},
         "count": 3,
