@@ -36,12 +36,12 @@ def plans(prefix: str) -> list[Counters]:
     """KEYS keys of one owner each: own 1000/second + 1000000/hour, and the owner's 10000000/day."""
     own = parse_limits(["1000/second", "1000000/hour"])
     owner = parse_limits(["10000000/day"], prefix="owner-")
+    limits = (*own, *owner)  # shared by every key, as the stage shares a route's
     out = []
     for i in range(KEYS):
         tag = "{" + f"{prefix}o{i}" + "}"
-        c = [(f"rl:{tag}:k:key{i}:{lim.name}", lim) for lim in own]
-        c += [(f"rl:{tag}:o:{lim.name}", lim) for lim in owner]
-        out.append(c)
+        keys = [f"rl:{tag}:k:key{i}:{lim.name}" for lim in own] + [f"rl:{tag}:o:{lim.name}" for lim in owner]
+        out.append(Counters(tuple(keys), limits))
     return out
 
 

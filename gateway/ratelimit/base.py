@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable, Iterator
 
 from gateway.ratelimit.policy import Decision, Limit
 
-Counters = list[tuple[str, Limit]]  # (storage key, limit); one request's limits share a hash tag
+
+class Counters:
+    """One request's counters, in order: storage keys (all with one hash tag) and their limits.
+
+    The keys are a tuple of strings and the limits a tuple shared by every key on a route that has
+    no limits of its own, so a key's counters add one object to what each full garbage collection
+    walks instead of a list and a tuple per limit (bench `keys_100k`).
+    """
+
+    __slots__ = ("keys", "limits")
+
+    def __init__(self, keys: tuple[str, ...], limits: tuple[Limit, ...]) -> None:
+        self.keys = keys
+        self.limits = limits
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[str, Limit]]) -> Counters:
+        """From (storage key, limit) pairs."""
+        listed = list(pairs)
+        return cls(tuple(key for key, _ in listed), tuple(limit for _, limit in listed))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[tuple[str, Limit]]:
+        return zip(self.keys, self.limits, strict=True)
 
 
 class LimiterUnavailable(Exception):

@@ -69,12 +69,12 @@ class FailoverLimiter(Limiter):
             return Decision(True, [])
         shares = self._shares
         local = []
-        for key, limit in counters:
+        for limit in counters.limits:
             share = shares.get(limit)
             if share is None:
                 share = shares[limit] = limit.scaled(self.replicas)
-            local.append((key, share))
-        return self.local.hit(local, cost)
+            local.append(share)
+        return self.local.hit(Counters(counters.keys, tuple(local)), cost)
 
     async def close(self) -> None:
         await self.primary.close()

@@ -40,7 +40,7 @@ class MemoryLimiter(Limiter):
         windows = self.windows
         states = []
         allowed = True
-        for key, limit in counters:
+        for key, limit in zip(counters.keys, counters.limits):  # noqa: B905 - equal lengths by construction
             w = windows.get(key)
             if w is None:
                 w = windows[key] = [0]

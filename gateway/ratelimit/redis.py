@@ -148,7 +148,7 @@ class RedisLimiter(Limiter):
                 try:
                     outcomes = []
                     i = 2
-                    for _, limit in counters:
+                    for limit in counters.limits:
                         outcomes.append(Outcome(limit, reply[i], reply[i + 1] / 1000, reply[i + 2] / 1000))
                         i += 3
                     fut.set_result(Decision(reply[0] == 1, outcomes))
@@ -214,9 +214,9 @@ class RedisLimiter(Limiter):
 
     def _build(self, counters: Counters, cost: int) -> bytes:
         parts = [b"*%d\r\n" % (6 + 4 * len(counters)), self._head, bulk(len(counters))]
-        parts += [bulk(key) for key, _ in counters]
+        parts += [bulk(key) for key in counters.keys]
         parts += (self._buckets, bulk(cost), bulk(self.now_ms))
-        parts += [bulk(lim.count) + bulk(lim.period) + bulk(lim.width_ms) for _, lim in counters]
+        parts += [bulk(lim.count) + bulk(lim.period) + bulk(lim.width_ms) for lim in counters.limits]
         return b"".join(parts)
 
     async def close(self) -> None:

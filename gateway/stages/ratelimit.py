@@ -33,6 +33,17 @@ def _one_per_period(limits: list[Limit]) -> list[Limit]:
     return [lim for lim in limits if tightest[lim.period] is lim]
 
 
+class _Plan(Counters):
+    """A key's counters on a route, with the record they were built from and its policy header."""
+
+    __slots__ = ("header", "record")
+
+    def __init__(self, keys: tuple[str, ...], limits: tuple[Limit, ...], record: KeyRecord, header: bytes) -> None:
+        super().__init__(keys, limits)
+        self.record = record
+        self.header = header
+
+
 class RateLimitStage:
     def __init__(
         self,
@@ -49,44 +60,47 @@ class RateLimitStage:
         self.owner_limits = parse_limits(owner_limits, prefix="owner-")
         self.legacy = legacy
         self.refused = metrics.ratelimited.labels(route)
-        self._plans: dict[str, tuple[KeyRecord, Counters, bytes]] = {}
+        # One tuple for every key without limits of its own: shared, not one per key.
+        self._shared_limits = tuple(self.route_limits) + tuple(self.owner_limits)
+        self._plans: dict[str, _Plan] = {}
 
-    def _plan(self, record: KeyRecord) -> tuple[Counters, bytes]:
+    def _plan(self, record: KeyRecord) -> _Plan:
         """Storage keys and the policy header for a key on this route, computed once per key version.
 
         All of a request's counters carry the owner as Redis hash tag, so one script may touch them
         all on Redis Cluster.
         """
         plan = self._plans.get(record.id)
-        if plan is not None and plan[0] is record:
-            return plan[1], plan[2]
+        if plan is not None and plan.record is record:
+            return plan
         tag = "{" + record.owner + "}"
         if record.limits:
             own: list[Limit] = _one_per_period(parse_limits(record.limits))
             base = f"rl:{tag}:k:{record.id}:"
+            limits = (*own, *self.owner_limits)
         else:
             own = self.route_limits
             base = f"rl:{tag}:k:{record.id}:r:{self.route}:"
-        counters = [(base + lim.name, lim) for lim in own]
-        counters += [(f"rl:{tag}:o:{lim.name}", lim) for lim in self.owner_limits]
-        header = policy_header([lim for _, lim in counters])
+            limits = self._shared_limits
+        keys = (*[base + lim.name for lim in own], *[f"rl:{tag}:o:{lim.name}" for lim in self.owner_limits])
+        plan = _Plan(keys, limits, record, policy_header(list(limits)))
         if len(self._plans) >= _MAX_CACHED:
             self._plans.clear()
-        self._plans[record.id] = (record, counters, header)
-        return counters, header
+        self._plans[record.id] = plan
+        return plan
 
     def __call__(self, ex: Exchange) -> Awaitable[None] | None:
         p = ex.principal
         if p is None:
             return None
-        counters, header = self._plan(p.record)
-        if not counters:
+        plan = self._plan(p.record)
+        if not plan.keys:
             return None
-        decision = self.limiter.hit(counters)
+        decision = self.limiter.hit(plan)
         if isinstance(decision, Decision):
-            self._apply(ex, decision, header, counters[0][1])
+            self._apply(ex, decision, plan.header, plan.limits[0])
             return None
-        return self._finish(ex, decision, header, counters[0][1])
+        return self._finish(ex, decision, plan.header, plan.limits[0])
 
     async def _finish(self, ex: Exchange, pending: Awaitable[Decision], header: bytes, first: Limit) -> None:
         self._apply(ex, await pending, header, first)

@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.clock import Clock, FakeClock
+from gateway.ratelimit.base import Counters
 from gateway.ratelimit.failover import RETRY_AFTER_FAILURE, FailoverLimiter
 from gateway.ratelimit.redis import RedisLimiter
 from tests.helpers.gateway import RunningGateway, start_gateway
@@ -297,7 +298,7 @@ async def test_the_first_calls_after_a_quiet_restart_do_not_fail(redis_server: R
     from gateway.ratelimit.policy import Limit
 
     limiter = RedisLimiter(redis_server.url, timeout=0.5)
-    counters = [(f"rl:{{{owner()}}}:k:x:minute", Limit("minute", 1000, 60))]
+    counters = Counters.of([(f"rl:{{{owner()}}}:k:x:minute", Limit("minute", 1000, 60))])
 
     async def burst() -> list[object]:
         futures = []
@@ -323,7 +324,7 @@ async def test_a_reply_that_came_while_the_loop_was_busy_is_not_a_timeout(redis_
     from gateway.ratelimit.policy import Decision, Limit
 
     limiter = RedisLimiter(redis_url, timeout=0.05)
-    counters = [(f"rl:{{{owner()}}}:k:x:minute", Limit("minute", 10, 60))]
+    counters = Counters.of([(f"rl:{{{owner()}}}:k:x:minute", Limit("minute", 10, 60))])
     try:
         await limiter.hit(counters)  # type: ignore[misc]  # connected, script loaded
         pending = limiter.hit(counters)

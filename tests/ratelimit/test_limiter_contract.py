@@ -33,7 +33,7 @@ def lim(count: int, period: int, name: str | None = None) -> Limit:
 
 
 def counters(owner: str, *limits: Limit, key: str = "k1") -> Counters:
-    return [(f"rl:{{{owner}}}:k:{key}:{limit.name}", limit) for limit in limits]
+    return Counters.of((f"rl:{{{owner}}}:k:{key}:{limit.name}", limit) for limit in limits)
 
 
 def outcome_of(d: Decision, name: str) -> Outcome:
@@ -259,7 +259,7 @@ async def test_memory_and_redis_decide_identically(redis_url: str, seed: int) ->
         o = owners[b.name]
         own = counters(o, lim(3, SECOND), lim(20, MINUTE), key=f"k{which}")
         shared = [(f"rl:{{{o}}}:o:owner-minute", lim(30, MINUTE, "owner-minute"))]
-        return own + shared
+        return Counters.of([*own, *shared])
 
     try:
         for step in range(400):

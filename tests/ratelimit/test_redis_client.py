@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.ratelimit.base import LimiterUnavailable
+from gateway.ratelimit.base import Counters, LimiterUnavailable
 from gateway.ratelimit.policy import Decision, Limit
 from gateway.ratelimit.redis import RedisLimiter
 from tests.helpers.net import free_port
@@ -25,8 +25,8 @@ from tests.helpers.pki import Certs, make_certs
 from .conftest import RedisServer, unique_owner
 
 
-def plan(owner: str, *limits: Limit) -> list[tuple[str, Limit]]:
-    return [(f"rl:{{{owner}}}:k:key:{lim.name}", lim) for lim in limits]
+def plan(owner: str, *limits: Limit) -> Counters:
+    return Counters.of((f"rl:{{{owner}}}:k:key:{lim.name}", lim) for lim in limits)
 
 
 async def decide(limiter: RedisLimiter, counters: list[tuple[str, Limit]]) -> Decision:
