@@ -16,11 +16,14 @@ class Counters:
     walks instead of a list and a tuple per limit (bench `keys_100k`).
     """
 
-    __slots__ = ("keys", "limits")
+    __slots__ = ("encoded", "keys", "limits")
 
     def __init__(self, keys: tuple[str, ...], limits: tuple[Limit, ...]) -> None:
         self.keys = keys
         self.limits = limits
+        # A backend's wire form of one hit on these counters, kept by the backend that built it
+        # (the Redis limiter's EVALSHA command): built once per key, not per request.
+        self.encoded: bytes | None = None
 
     @classmethod
     def of(cls, pairs: Iterable[tuple[str, Limit]]) -> Counters:

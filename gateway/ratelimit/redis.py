@@ -46,7 +46,6 @@ class RedisLimiter(Limiter):
         self._load = command("SCRIPT", "LOAD", SCRIPT)
         self._head = b"$7\r\nEVALSHA\r\n" + bulk(self.sha)
         self._buckets = bulk(BUCKETS)
-        self._blobs: dict[int, tuple[Counters, bytes]] = {}
         self._queue: list[Entry] = []
         self._flush_scheduled = False
         self._conn: RespConnection | None = None
@@ -106,14 +105,13 @@ class RedisLimiter(Limiter):
         if self._reload:
             self._reload = False
             conn.send(self._load, Waiter(1, self._prelude_done))
-        blobs, encode = self._blobs, self._encode
+        encode, fixed_time = self._encode, self.now_ms
         parts = []
         for counters, cost, _, _ in entries:
-            cached = blobs.get(id(counters))  # the common case without a call
-            if cached is not None and cached[0] is counters and cost == 1:  # the reference kept holds the id
-                parts.append(cached[1])
-            else:
-                parts.append(encode(counters, cost))
+            cached = counters.encoded  # the common case without a call
+            if cached is None or cost != 1 or fixed_time:
+                cached = encode(counters, cost)
+            parts.append(cached)
         blob = b"".join(parts)
         batch = _Batch(entries, self._done)
         self.round_trips += 1
@@ -201,15 +199,13 @@ class RedisLimiter(Limiter):
                 fut.set_exception(err)
 
     def _encode(self, counters: Counters, cost: int) -> bytes:
-        """One EVALSHA in RESP, on a miss of _send's lookup. A request's counters are one list per key
-        and route (the stage's plan), so in production (cost 1, Redis TIME) its command is encoded
-        once, kept, and reused: encoding it each time cost more than the rest of a decision
+        """One EVALSHA in RESP, when the counters carry none yet. A request's counters are one object
+        per key and route (the stage's plan), so in production (cost 1, Redis TIME) its command is
+        encoded once and kept on them: encoding it each time cost more than the rest of a decision
         (bench/limiter_micro.py)."""
         blob = self._build(counters, cost)
         if cost == 1 and not self.now_ms:
-            if len(self._blobs) >= 100_000:
-                self._blobs.clear()
-            self._blobs[id(counters)] = (counters, blob)
+            counters.encoded = blob
         return blob
 
     def _build(self, counters: Counters, cost: int) -> bytes:

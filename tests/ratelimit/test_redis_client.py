@@ -81,17 +81,21 @@ async def test_a_password_in_the_url_is_sent_and_a_wrong_one_is_a_failure(passwo
 
 
 async def test_a_changed_plan_is_encoded_again(redis_url: str) -> None:
-    """Commands are cached per counters list: a key whose limits changed gets a new list, and the
+    """Commands are kept on the counters object: a key whose limits changed gets a new one, and the
     new limit decides, on Redis's own clock (the production path)."""
     limiter = RedisLimiter(redis_url, timeout=2.0)
     owner = unique_owner()
     old = plan(owner, Limit("minute", 3, 60))
     try:
         assert [(await decide(limiter, old)).outcomes[0].remaining for _ in range(2)] == [2, 1]
+        kept = old.encoded
+        assert kept is not None and (await decide(limiter, old)).outcomes[0].remaining == 0
+        assert old.encoded is kept  # encoded once, then reused
         new = plan(owner, Limit("minute", 10, 60))  # same storage key, a higher limit
         d = await decide(limiter, new)
-        assert d.allowed and d.outcomes[0].remaining == 7 and d.outcomes[0].limit.count == 10
+        assert d.allowed and d.outcomes[0].remaining == 6 and d.outcomes[0].limit.count == 10
         assert (await decide(limiter, old)).outcomes[0].remaining == 0
+        assert new.encoded is not None and new.encoded != kept
     finally:
         await limiter.close()
 
