@@ -151,7 +151,7 @@ def run_scenario(
     if scen.configure:
         scen.configure(setup)
     gw_headers = setup.gateway_headers or headers
-    scripts: dict[str, Path | None] = {report.ANCHOR: None, report.OURS: None}
+    scripts: dict[str, Path] = {}  # wrk scripts by target: only when the keys rotate
     if scen.rotate:
         if not setup.gateway_keys:
             raise BenchError(f"{scen.name}: rotating keys, but its configure hook made none for the gateway")
@@ -169,7 +169,6 @@ def run_scenario(
         )
         wait_port(floor, floor_port)
         targets.append(Target(report.FLOOR, floor, floor_port))
-        scripts[report.FLOOR] = None
 
     try:
         expect = nginx.BIG_SIZE if scen.path == nginx.BIG_PATH else 2
@@ -182,7 +181,7 @@ def run_scenario(
             warm = measure(
                 procs, t, THROUGHPUT, path=scen.path, duration=WARMUP_SECONDS, headers=hdrs,
                 load_cpus=load_cpus, log=logs / f"warmup-{t.name}.txt", helpers=[upstream.proc, *setup.helpers],
-                script=scripts[t.name],
+                script=scripts.get(t.name),
             )
             if warm["errors"]:
                 print(f"  warm-up {t.name}: {warm['errors']} failed requests", flush=True)
@@ -197,7 +196,7 @@ def run_scenario(
                         procs, t, mode, path=scen.path, duration=args.duration,
                         headers=gw_headers if t.name == report.OURS else headers,
                         load_cpus=load_cpus, log=logs / f"{rnd}-{mode}-{t.name}.txt", helpers=[upstream.proc, *setup.helpers],
-                        script=scripts[t.name],
+                        script=scripts.get(t.name),
                     )
                     r["round"] = rnd
                     runs[t.name][mode].append(r)
@@ -212,9 +211,8 @@ def run_scenario(
                         flush=True,
                     )
     finally:
-        for t in targets[1:]:
+        for t in targets:  # the anchor first
             procs.stop(t.proc)
-        procs.stop(anchor)
     gw_log = (base / "gateway" / "gateway.log").read_text(errors="replace")
     problems = [ln for ln in gw_log.splitlines() if " ERROR " in ln or " WARNING " in ln or "Traceback" in ln]
     return {

@@ -18,6 +18,14 @@ from bench.nginx import BIG_PATH
 from bench.procs import Proc, Procs
 
 KEY_COUNT = 1000
+# What the keyed scenarios add to the route (and bench/path_micro.py's `keys`): a scope per method and
+# three limits no request reaches, so every request is checked and counted, none refused.
+KEYED_ROUTE: dict[str, Any] = {
+    "auth": "required",
+    "scopes": {"GET": ["bench:read"]},
+    "ratelimit": ["1000000/second", "100000000/hour", "1000000000/day"],
+}
+PEPPER = "bench-pepper"
 
 
 def key_table(count: int = KEY_COUNT, seed: int = 1000) -> list[str]:
@@ -98,14 +106,10 @@ def real_keys(setup: Setup, backend: str = "memory://") -> None:
 
     from bench.gateway import gateway_env, write_config
 
-    setup.config["keys"] = {"pepper": "bench-pepper"}
+    setup.config["keys"] = {"pepper": PEPPER}
     setup.config["ratelimit"] = {"backend": backend}
     setup.config["auth"] = {"max_failures": 1000000}
-    setup.route.update(
-        auth="required",
-        scopes={"GET": ["bench:read"]},
-        ratelimit=["1000000/second", "100000000/hour", "1000000000/day"],
-    )
+    setup.route.update(KEYED_ROUTE)
     path = write_config(setup.workdir, setup.config)
     env = gateway_env(setup.source) if setup.source else None
     argv = [sys.executable, "-m", "gateway", "-c", str(path), "keys", "create", "--owner", "bench",
@@ -115,7 +119,7 @@ def real_keys(setup: Setup, backend: str = "memory://") -> None:
 
 
 MAKE_KEYS = """
-import asyncio, json, sys
+import asyncio, sys
 from gateway.config.loader import load_config
 from gateway.services import Services
 
