@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Iterable
 
 from gateway.ratelimit.policy import Decision, Limit
 
@@ -33,9 +33,6 @@ class Counters:
 
     def __len__(self) -> int:
         return len(self.keys)
-
-    def __iter__(self) -> Iterator[tuple[str, Limit]]:
-        return zip(self.keys, self.limits, strict=True)
 
 
 class LimiterUnavailable(Exception):

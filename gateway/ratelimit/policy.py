@@ -71,7 +71,7 @@ class Decision:
         return [o for o in self.outcomes if o.retry_after > 0]
 
 
-def policy_header(limits: list[Limit]) -> bytes:
+def policy_header(limits: Sequence[Limit]) -> bytes:
     return ", ".join(f'"{lim.name}";q={lim.count};w={lim.period}' for lim in limits).encode()
 
 

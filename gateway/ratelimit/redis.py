@@ -83,15 +83,13 @@ class RedisLimiter(Limiter):
         try:
             conn = await connect(self.endpoint, self.timeout)
         except Exception as e:  # whatever it is, every queued caller gets the failure policy
-            self._fail(self._queue, LimiterUnavailable(f"redis: {type(e).__name__}"))
-            self._queue = []
+            self._fail_queued(LimiterUnavailable(f"redis: {type(e).__name__}"))
             return
         finally:
             self._connecting = False
         if self._closed:
             conn.close()
-            self._fail(self._queue, LimiterUnavailable("redis: limiter closed"))
-            self._queue = []
+            self._fail_queued(LimiterUnavailable("redis: limiter closed"))
             return
         # Sent ahead of the first batch, unawaited: Redis runs a connection's commands in order. A new
         # connection may be to a restarted Redis, which has no scripts.
@@ -192,6 +190,10 @@ class RedisLimiter(Limiter):
         if errors:  # the batches behind it fail on their own replies (NOAUTH, NOSCRIPT)
             log.error("redis refused the connection set-up: %s", "; ".join(errors))
 
+    def _fail_queued(self, err: LimiterUnavailable) -> None:
+        queued, self._queue = self._queue, []
+        self._fail(queued, err)
+
     @staticmethod
     def _fail(entries: list[Entry], err: LimiterUnavailable) -> None:
         for _, _, fut, _ in entries:
@@ -219,8 +221,7 @@ class RedisLimiter(Limiter):
         self._closed = True
         if self._conn is not None:
             self._conn.close()
-        self._fail(self._queue, LimiterUnavailable("redis: limiter closed"))
-        self._queue = []
+        self._fail_queued(LimiterUnavailable("redis: limiter closed"))
 
 
 def _consume(task: asyncio.Task[None]) -> None:

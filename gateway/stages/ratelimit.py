@@ -83,7 +83,7 @@ class RateLimitStage:
             base = f"rl:{tag}:k:{record.id}:r:{self.route}:"
             limits = self._shared_limits
         keys = (*[base + lim.name for lim in own], *[f"rl:{tag}:o:{lim.name}" for lim in self.owner_limits])
-        plan = _Plan(keys, limits, record, policy_header(list(limits)))
+        plan = _Plan(keys, limits, record, policy_header(limits))
         if len(self._plans) >= _MAX_CACHED:
             self._plans.clear()
         self._plans[record.id] = plan

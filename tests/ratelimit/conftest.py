@@ -21,7 +21,7 @@ import pytest
 from gateway.clock import FakeClock
 from gateway.ratelimit.base import Counters, Limiter
 from gateway.ratelimit.memory import MemoryLimiter
-from gateway.ratelimit.policy import Decision
+from gateway.ratelimit.policy import Decision, Limit
 from gateway.ratelimit.redis import RedisLimiter
 
 
@@ -88,6 +88,11 @@ class RedisBackend(Backend):
 
 def unique_owner() -> str:
     return "o" + uuid.uuid4().hex[:12]
+
+
+def counters(owner: str, *limits: Limit, key: str = "k1") -> Counters:
+    """A key's counters as the stage names them: the owner as hash tag, one per limit."""
+    return Counters.of((f"rl:{{{owner}}}:k:{key}:{limit.name}", limit) for limit in limits)
 
 
 @pytest.fixture

@@ -23,17 +23,13 @@ from gateway.ratelimit.base import Counters
 from gateway.ratelimit.policy import BUCKETS, Decision, Limit, Outcome
 from gateway.stages.ratelimit import RateLimitStage
 
-from .conftest import Backend, MemoryBackend, MsClock, RedisBackend, unique_owner
+from .conftest import Backend, MemoryBackend, MsClock, RedisBackend, counters, unique_owner
 
 SECOND, MINUTE, HOUR = 1, 60, 3600
 
 
 def lim(count: int, period: int, name: str | None = None) -> Limit:
     return Limit(name or {1: "second", 60: "minute", 3600: "hour"}[period], count, period)
-
-
-def counters(owner: str, *limits: Limit, key: str = "k1") -> Counters:
-    return Counters.of((f"rl:{{{owner}}}:k:{key}:{limit.name}", limit) for limit in limits)
 
 
 def outcome_of(d: Decision, name: str) -> Outcome:
@@ -258,8 +254,7 @@ async def test_memory_and_redis_decide_identically(redis_url: str, seed: int) ->
     def plan(b: Backend, which: int) -> Counters:
         o = owners[b.name]
         own = counters(o, lim(3, SECOND), lim(20, MINUTE), key=f"k{which}")
-        shared = [(f"rl:{{{o}}}:o:owner-minute", lim(30, MINUTE, "owner-minute"))]
-        return Counters.of([*own, *shared])
+        return Counters((*own.keys, f"rl:{{{o}}}:o:owner-minute"), (*own.limits, lim(30, MINUTE, "owner-minute")))
 
     try:
         for step in range(400):

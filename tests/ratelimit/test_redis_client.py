@@ -7,10 +7,11 @@ one connection, and a server that talks nonsense: always a decision or LimiterUn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,20 +20,32 @@ import redis.asyncio as aioredis
 from gateway.ratelimit.base import Counters, LimiterUnavailable
 from gateway.ratelimit.policy import Decision, Limit
 from gateway.ratelimit.redis import RedisLimiter
-from tests.helpers.net import free_port
+from tests.helpers.net import free_port, wait_listening
 from tests.helpers.pki import Certs, make_certs
 
-from .conftest import RedisServer, unique_owner
+from .conftest import RedisServer, counters, unique_owner
 
 
-def plan(owner: str, *limits: Limit) -> Counters:
-    return Counters.of((f"rl:{{{owner}}}:k:key:{lim.name}", lim) for lim in limits)
-
-
-async def decide(limiter: RedisLimiter, counters: list[tuple[str, Limit]]) -> Decision:
-    d = await limiter.hit(counters)
+async def decide(limiter: RedisLimiter, plan: Counters) -> Decision:
+    d = await limiter.hit(plan)
     assert isinstance(d, Decision)
     return d
+
+
+@contextlib.asynccontextmanager
+async def fake_redis(
+    serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], timeout: float
+) -> AsyncIterator[RedisLimiter]:
+    """A limiter talking to `serve` instead of Redis: for the misbehaviours a real server never shows."""
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    limiter = RedisLimiter(f"redis://127.0.0.1:{port}/0", timeout=timeout)
+    try:
+        yield limiter
+    finally:
+        await limiter.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_counters_go_to_the_database_named_in_the_url(redis_url: str) -> None:
@@ -41,7 +54,7 @@ async def test_counters_go_to_the_database_named_in_the_url(redis_url: str) -> N
     owner = unique_owner()
     db0, db5 = aioredis.Redis.from_url(base + "/0"), aioredis.Redis.from_url(base + "/5")
     try:
-        assert (await decide(limiter, plan(owner, Limit("minute", 5, 60)))).allowed
+        assert (await decide(limiter, counters(owner, Limit("minute", 5, 60)))).allowed
         assert [k async for k in db5.scan_iter(match=f"*{{{owner}}}*")] != []
         assert [k async for k in db0.scan_iter(match=f"*{{{owner}}}*")] == []
     finally:
@@ -69,12 +82,12 @@ async def test_a_password_in_the_url_is_sent_and_a_wrong_one_is_a_failure(passwo
     good = RedisLimiter(password_redis.url, timeout=2.0)
     bad = RedisLimiter(password_redis.url.replace("s3cret", "wrong"), timeout=2.0)
     anonymous = RedisLimiter(f"redis://127.0.0.1:{password_redis.port}/0", timeout=2.0)
-    counters = plan(unique_owner(), Limit("minute", 2, 60))
+    plan = counters(unique_owner(), Limit("minute", 2, 60))
     try:
-        assert [(await decide(good, counters)).allowed for _ in range(3)] == [True, True, False]
+        assert [(await decide(good, plan)).allowed for _ in range(3)] == [True, True, False]
         for limiter in (bad, anonymous):
             with pytest.raises(LimiterUnavailable):
-                await limiter.hit(counters)  # type: ignore[misc]
+                await limiter.hit(plan)  # type: ignore[misc]
     finally:
         for limiter in (good, bad, anonymous):
             await limiter.close()
@@ -85,13 +98,13 @@ async def test_a_changed_plan_is_encoded_again(redis_url: str) -> None:
     new limit decides, on Redis's own clock (the production path)."""
     limiter = RedisLimiter(redis_url, timeout=2.0)
     owner = unique_owner()
-    old = plan(owner, Limit("minute", 3, 60))
+    old = counters(owner, Limit("minute", 3, 60))
     try:
         assert [(await decide(limiter, old)).outcomes[0].remaining for _ in range(2)] == [2, 1]
         kept = old.encoded
         assert kept is not None and (await decide(limiter, old)).outcomes[0].remaining == 0
         assert old.encoded is kept  # encoded once, then reused
-        new = plan(owner, Limit("minute", 10, 60))  # same storage key, a higher limit
+        new = counters(owner, Limit("minute", 10, 60))  # same storage key, a higher limit
         d = await decide(limiter, new)
         assert d.allowed and d.outcomes[0].remaining == 6 and d.outcomes[0].limit.count == 10
         assert (await decide(limiter, old)).outcomes[0].remaining == 0
@@ -102,13 +115,13 @@ async def test_a_changed_plan_is_encoded_again(redis_url: str) -> None:
 
 async def test_many_batches_in_flight_are_answered_in_order(redis_url: str) -> None:
     limiter = RedisLimiter(redis_url, timeout=5.0)
-    counters = plan(unique_owner(), Limit("hour", 1500, 3600))
+    plan = counters(unique_owner(), Limit("hour", 1500, 3600))
     try:
-        await decide(limiter, plan(unique_owner(), Limit("minute", 1, 60)))  # connected
+        await decide(limiter, counters(unique_owner(), Limit("minute", 1, 60)))  # connected
         trips = limiter.round_trips
         futures = []
         for _ in range(40):  # 40 ticks of 50: 40 writes before the first reply is read
-            futures += [limiter.hit(counters) for _ in range(50)]
+            futures += [limiter.hit(plan) for _ in range(50)]
             await asyncio.sleep(0)
         decisions = await asyncio.gather(*futures)  # type: ignore[call-overload]
         assert [d.allowed for d in decisions] == [True] * 1500 + [False] * 500
@@ -126,22 +139,15 @@ async def test_a_server_that_talks_nonsense_is_a_failure_not_a_hang() -> None:
         await reader.read()  # keep the connection open: only the parser can tell
         writer.close()
 
-    server = await asyncio.start_server(nonsense, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    limiter = RedisLimiter(f"redis://127.0.0.1:{port}/0", timeout=5.0)
-    try:
-        fut = limiter.hit(plan("o", Limit("minute", 5, 60)))
+    async with fake_redis(nonsense, timeout=5.0) as limiter:
+        fut = limiter.hit(counters("o", Limit("minute", 5, 60)))
         with pytest.raises(LimiterUnavailable):
             await asyncio.wait_for(fut, 2.0)  # type: ignore[arg-type]
-    finally:
-        await limiter.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_close_fails_what_is_queued(redis_url: str) -> None:
     limiter = RedisLimiter(redis_url, timeout=2.0)
-    fut = limiter.hit(plan(unique_owner(), Limit("minute", 5, 60)))
+    fut = limiter.hit(counters(unique_owner(), Limit("minute", 5, 60)))
     await limiter.close()
     with pytest.raises(LimiterUnavailable):
         await fut
@@ -156,21 +162,14 @@ async def test_a_batch_that_timed_out_is_not_sent_again() -> None:
             received.extend(data)
         writer.close()
 
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    limiter = RedisLimiter(f"redis://127.0.0.1:{port}/0", timeout=0.05)
-    try:
+    async with fake_redis(silent, timeout=0.05) as limiter:
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(LimiterUnavailable, match="TimeoutError"):
-            await limiter.hit(plan("o", Limit("minute", 5, 60)))  # type: ignore[misc]
+            await limiter.hit(counters("o", Limit("minute", 5, 60)))  # type: ignore[misc]
         assert loop.time() - started < 0.5
         await asyncio.sleep(0.1)
         assert received.count(b"EVALSHA") == 1
-    finally:
-        await limiter.close()
-        server.close()
-        await server.wait_closed()
 
 
 def test_a_url_that_cannot_be_used_is_refused_at_load_without_quoting_it(tmp_path: Path) -> None:
@@ -191,10 +190,10 @@ def test_a_url_that_cannot_be_used_is_refused_at_load_without_quoting_it(tmp_pat
 
 async def test_a_hit_after_close_fails_at_once(redis_url: str) -> None:
     limiter = RedisLimiter(redis_url, timeout=2.0)
-    await decide(limiter, plan(unique_owner(), Limit("minute", 5, 60)))
+    await decide(limiter, counters(unique_owner(), Limit("minute", 5, 60)))
     await limiter.close()
     with pytest.raises(LimiterUnavailable, match="closed"):
-        await asyncio.wait_for(limiter.hit(plan(unique_owner(), Limit("minute", 5, 60))), 1.0)  # type: ignore[arg-type]
+        await asyncio.wait_for(limiter.hit(counters(unique_owner(), Limit("minute", 5, 60))), 1.0)  # type: ignore[arg-type]
 
 
 async def test_a_reply_of_the_wrong_shape_is_a_failure_not_a_hang() -> None:
@@ -206,31 +205,24 @@ async def test_a_reply_of_the_wrong_shape_is_a_failure_not_a_hang() -> None:
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(wrong, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    limiter = RedisLimiter(f"redis://127.0.0.1:{port}/0", timeout=2.0)
-    try:
+    async with fake_redis(wrong, timeout=2.0) as limiter:
         with pytest.raises(LimiterUnavailable, match="unexpected reply"):
-            await asyncio.wait_for(limiter.hit(plan("o", Limit("minute", 5, 60))), 1.0)  # type: ignore[arg-type]
-    finally:
-        await limiter.close()
-        server.close()
-        await server.wait_closed()
+            await asyncio.wait_for(limiter.hit(counters("o", Limit("minute", 5, 60))), 1.0)  # type: ignore[arg-type]
 
 
 async def test_a_caller_that_went_away_does_not_disturb_the_rest_of_its_batch(redis_url: str) -> None:
     limiter = RedisLimiter(redis_url, timeout=2.0)
     owner = unique_owner()
-    counters = plan(owner, Limit("minute", 10, 60))
+    plan = counters(owner, Limit("minute", 10, 60))
     try:
-        futures = [limiter.hit(counters) for _ in range(3)]
+        futures = [limiter.hit(plan) for _ in range(3)]
         futures[1].cancel()  # type: ignore[union-attr]  # a client that disconnected mid-request
         # Bounded: a reply handler that broke on the cancelled one would leave the others waiting forever.
         first, third = await asyncio.wait_for(asyncio.gather(futures[0], futures[2]), 5)  # type: ignore[arg-type]
         assert isinstance(first, Decision) and isinstance(third, Decision)
         # The cancelled call still ran in Redis (it was sent): it counts, as a request that reached us does.
         assert [first.outcomes[0].remaining, third.outcomes[0].remaining] == [9, 7]
-        assert (await decide(limiter, counters)).outcomes[0].remaining == 6
+        assert (await decide(limiter, plan)).outcomes[0].remaining == 6
     finally:
         await limiter.close()
 
@@ -248,6 +240,7 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Certs]]:
         capture_output=True, timeout=10, check=True,
     )
     try:
+        wait_listening(port, 10)  # the daemonized server may take a moment
         yield port, certs
     finally:
         pid = tmp_path / "redis.pid"
@@ -259,17 +252,12 @@ async def test_rediss_verifies_the_server_with_the_ca_the_url_names(tls_redis: t
     port, certs = tls_redis
     limiter = RedisLimiter(f"rediss://localhost:{port}/0?ssl_ca_certs={certs.ca}", timeout=2.0)
     untrusted = RedisLimiter(f"rediss://localhost:{port}/0", timeout=2.0)  # the system CAs only
-    counters = plan(unique_owner(), Limit("minute", 2, 60))
+    plan = counters(unique_owner(), Limit("minute", 2, 60))
     try:
-        for _ in range(100):  # the daemonized server may take a moment to listen
-            try:
-                d = await decide(limiter, counters)
-                break
-            except LimiterUnavailable:
-                await asyncio.sleep(0.05)
+        d = await decide(limiter, plan)
         assert d.allowed and d.outcomes[0].remaining == 1
         with pytest.raises(LimiterUnavailable):
-            await untrusted.hit(counters)  # type: ignore[misc]
+            await untrusted.hit(plan)  # type: ignore[misc]
     finally:
         await limiter.close()
         await untrusted.close()
