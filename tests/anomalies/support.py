@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.gateway import RunningGateway
 from tests.helpers.polling import wait_for
-from tests.helpers.processes import REPO, Run, cli, cli_env  # noqa: F401 - the suite imports them from here
+from tests.helpers.processes import cli  # noqa: F401 - the suite imports it from here
 
 PEPPER = "pepper-for-the-anomaly-tests-0123456789"
 ADMIN_TOKEN = "admin-token-for-the-anomaly-tests-0123456789"
@@ -86,5 +86,3 @@ def anomalies_total(gw: RunningGateway) -> dict[str, float]:
             if sample.name == "gateway_anomalies_total":
                 out[sample.labels["kind"]] = sample.value
     return out
-
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -11,3 +12,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def wait_listening(port: int, timeout: float, host: str = "127.0.0.1") -> None:
+    """Until something accepts TCP connections on the port; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing listens on {host}:{port} after {timeout} s") from None
+            time.sleep(0.02)

@@ -13,7 +13,7 @@ from typing import Any
 from gateway.config.schema import GatewayConfig
 from gateway.keys.model import KeyRecord
 from tests.helpers.gateway import RunningGateway, metric  # noqa: F401 - the suite imports metric from here
-from tests.helpers.processes import REPO, Run, cli, cli_env  # noqa: F401 - the suite imports them from here
+from tests.helpers.processes import cli  # noqa: F401 - the suite imports it from here
 from tests.helpers.raw_http import Conn, Resp, request_bytes  # noqa: F401 - the suite imports them from here
 from tests.helpers.raw_http import call as raw_call
 
@@ -115,5 +115,3 @@ def count_store_calls(store: Any) -> StoreCalls:
 async def new_key(gw: RunningGateway, owner: str = "alice", **kw: Any) -> tuple[KeyRecord, str]:
     """Create a key through the service layer; returns the record and the raw key."""
     return await gw.services.keys.create(owner, **kw)
-
-

@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from tests.helpers.net import free_port
-from tests.helpers.processes import stop_process
+from tests.helpers.processes import REPO, stop_process
 from tests.helpers.upstream import RecordingUpstream
 from tests.usage.conftest import Start
-from tests.usage.support import REPO, call
+from tests.usage.support import call
 
 CONFIG = REPO / "config" / "prometheus.yml"
 DEADLINE = 30.0

@@ -29,8 +29,8 @@ from gateway.keys.peppers import sqlite_path
 from tests.helpers.configs import write_config
 from tests.helpers.net import free_port
 from tests.helpers.polling import wait_for
-from tests.helpers.processes import REPO, Run, cli, cli_env, http_get, stop_process, wait_ready  # noqa: F401 - the suite imports them from here
-from tests.helpers.raw_http import Conn, Resp, call, call_raw, request_bytes  # noqa: F401 - the suite imports them from here
+from tests.helpers.processes import cli, cli_env, http_get, stop_process, wait_ready  # noqa: F401 - the suite imports them from here
+from tests.helpers.raw_http import Conn, Resp, call, request_bytes  # noqa: F401 - the suite imports them from here
 
 PEPPER = "pepper-for-the-usage-tests-0123456789"
 ADMIN_TOKEN = "admin-token-for-the-usage-tests-0123456789"
@@ -130,8 +130,6 @@ async def usage_rows(store_url: str) -> list[dict[str, Any]]:
         d["at"] = d["at"].timestamp()
         out.append(d)
     return out
-
-
 
 
 async def wait_rows(store_url: str, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
@@ -272,5 +270,3 @@ class GatewayProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         return stop_process(self.proc, sig, timeout)
-
-

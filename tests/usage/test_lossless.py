@@ -136,7 +136,7 @@ async def replay_and_check(tmp_path: Path, data: dict[str, Any], store_url: str,
 
 
 @dataclass
-class Run:
+class LoadRun:
     gw: GatewayProcess
     load: Load
     data: dict[str, Any]
@@ -150,7 +150,7 @@ class Run:
 
 
 @asynccontextmanager
-async def under_load(store_url: str, upstream: RecordingUpstream, tmp_path: Path, pace: float) -> AsyncIterator[Run]:
+async def under_load(store_url: str, upstream: RecordingUpstream, tmp_path: Path, pace: float) -> AsyncIterator[LoadRun]:
     """`gateway run` on the store with a disk spool, and CLIENTS clients sending through it until the
     block ends (or the test stops them sooner); the process is gone when the block is left."""
     spool = tmp_path / "spool"
@@ -158,7 +158,7 @@ async def under_load(store_url: str, upstream: RecordingUpstream, tmp_path: Path
     gw = await start_gateway(tmp_path, data)
     try:
         load = Load(gw.url, await create_key(gw), pace=pace)
-        run = Run(gw, load, data, spool, [asyncio.create_task(load.client(n)) for n in range(CLIENTS)])
+        run = LoadRun(gw, load, data, spool, [asyncio.create_task(load.client(n)) for n in range(CLIENTS)])
         try:
             yield run
         finally:

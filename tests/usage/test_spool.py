@@ -289,12 +289,23 @@ async def test_queue_and_spool_gauges_follow_the_state(start: Start, spool_dir: 
     assert batch_files(spool_dir)
 
 
-def test_a_batch_that_cannot_be_removed_still_counts_against_the_cap(tmp_path: Path) -> None:
-    stuck = tmp_path / "spool" / "00000000000000000001-1-000001.batch"
-    stuck.mkdir(parents=True)  # unlink() fails on it (EISDIR), as on a file the process may not remove
+def test_a_batch_that_cannot_be_removed_still_counts_against_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    record = UsageRecord("0190a0b0-0000-7000-8000-000000000001", 1.0, "k1", "alice", "live", "r", "GET",
+                         200, 200, 1.5, 1.0, 10, 20, "192.0.2.1", None)
+    stuck = spool.append([record])
     before = spool.size
-    assert before > 0
+    assert before == stuck.stat().st_size > 0
+    unlink = Path.unlink
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:  # as for a file the process may not remove
+        if self == stuck:
+            raise PermissionError(13, "Permission denied", str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse)
     with pytest.raises(OSError):
         spool.remove(stuck)
     assert spool.size == before and stuck.exists()
