@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import shutil
@@ -20,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from gateway.admin.app import build_admin_app
 from gateway.config.schema import GatewayConfig
 from gateway.fleet_metrics import FleetCollector, write_snapshot
+from gateway.heap import HeapKeeper, settle
 from gateway.keys.peppers import PepperMissing, load_peppers
 from gateway.proxy import ProxyServer
 from gateway.services import Services
@@ -53,6 +53,7 @@ class Gateway:
         self.metrics_dir: Path | None = None  # a worker's metrics go here for the supervisor to sum
         self.metrics_registry: CollectorRegistry | None = None  # what the admin /metrics serves
         self._snapshots: asyncio.Task[None] | None = None
+        self.heap = HeapKeeper()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -87,6 +88,7 @@ class Gateway:
         self.state.update(ready=False, reason="draining")
         if self.config.shutdown_delay:
             await asyncio.sleep(self.config.shutdown_delay)
+        self.heap.stop()
         clean = True
         if self.proxy is not None:
             clean = await self.proxy.drain(self.config.shutdown_timeout)
@@ -117,9 +119,10 @@ class Gateway:
         # What start-up made (modules, config, routes, the metrics registry, pools) lives as long as
         # the process: moved out of the collector's sight, a full collection walks only what serving
         # made since. Walking it took about 7 ms, a loop stall of its own. Done here, in each serving
-        # process, because a worker opens its own services after the fork.
-        gc.collect()
-        gc.freeze()
+        # process, because a worker opens its own services after the fork; what serving then keeps
+        # (per-key state) is frozen as it grows (gateway/heap.py).
+        settle()
+        self.heap.start(loop)
         if self.ready_fd is not None:  # the supervisor reports ready only when every worker listens
             os.write(self.ready_fd, b"1")
             os.close(self.ready_fd)

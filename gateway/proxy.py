@@ -14,8 +14,8 @@ from gateway.config.schema import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.http.connection import ConnectionBase
 from gateway.http.exchange import Exchange
+from gateway.http.pool import UpstreamPool
 from gateway.http.server import ClientConnection
-from gateway.http.upstream import UpstreamPool
 from gateway.pipeline import Pipeline, Stage
 from gateway.routing import Route, Router, compile_route
 from gateway.services import Services

@@ -26,6 +26,11 @@ INF = float("inf")
 PAUSE_BUFFER = 1
 PAUSE_UPSTREAM = 2
 
+# What a closed connection's `parser` becomes. A parser holds its protocol's bound callbacks, so a
+# live one makes a reference cycle with its connection: broken at close, a connection is freed by
+# reference counting alone, even when the collector no longer looks at it (`gateway.heap`).
+DETACHED = httptools.HttpRequestParser(object())
+
 # What a deadline means when it passes.
 D_HEADER, D_BODY, D_IDLE, D_LINGER = 1, 2, 3, 4
 
@@ -72,6 +77,7 @@ class ConnectionBase(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.parser = DETACHED
         self.server.connections.discard(self)
         ex = self.active
         if ex is not None:

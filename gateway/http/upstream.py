@@ -1,13 +1,12 @@
-"""Upstream connections: a keep-alive pool and a protocol that parses responses with llhttp.
+"""An upstream connection: the protocol that sends a request and parses its response with llhttp.
 
-A connection goes back to the pool only when its last exchange was framed cleanly on both sides;
-any doubt (parse error, early close, unread body, a byte while idle) discards it.
+A connection goes back to the pool (`pool.py`) only when its last exchange was framed cleanly on
+both sides; any doubt (parse error, early close, unread body, a byte while idle) discards it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING
 
 import httptools
@@ -18,11 +17,16 @@ from gateway.http.heads import response_headers
 
 if TYPE_CHECKING:
     from gateway.http.forwarding import Forwarding
+    from gateway.http.pool import UpstreamPool
     from gateway.routing import Upstream
 
 MAX_RESPONSE_HEADERS = 256
 MAX_RESPONSE_HEAD_BYTES = 65536
 INF = float("inf")
+
+
+# A closed connection's parser: a live one holds the connection's callbacks, a reference cycle.
+DETACHED = httptools.HttpResponseParser(object())
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -61,6 +65,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.parser = DETACHED  # no cycle with this connection left (see http/connection.py)
         self.pool.forget(self)
         ex, client = self.ex, self.client
         if ex is None or client is None:
@@ -271,79 +276,3 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
-
-class UpstreamPool:
-    """Idle keep-alive connections per upstream origin, most recently used first."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, keepalive: int, idle_timeout: float) -> None:
-        self.loop = loop
-        self.keepalive = keepalive
-        self.idle_timeout = idle_timeout
-        self.idle: dict[tuple[str, str, int, int], list[UpstreamConnection]] = {}
-        self.busy: set[UpstreamConnection] = set()
-
-    def acquire(self, upstream: Upstream) -> UpstreamConnection | None:
-        conns = self.idle.get(upstream.key)
-        while conns:
-            conn = conns.pop()
-            if not conn.closed:
-                conn.reused = True
-                return conn
-        return None
-
-    async def connect(self, upstream: Upstream, timeout: float) -> UpstreamConnection:
-        try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: UpstreamConnection(self, upstream),
-                    upstream.host,
-                    upstream.port,
-                    ssl=upstream.ssl,
-                    server_hostname=upstream.host if upstream.ssl else None,
-                ),
-                timeout,
-            )
-        except TimeoutError:
-            raise GatewayError("upstream_timeout", "connecting to the upstream timed out") from None
-        except OSError as e:
-            reason = "TLS verification failed" if "SSL" in type(e).__name__ else "connection refused or failed"
-            raise GatewayError("upstream_unavailable", f"cannot connect to the upstream: {reason}") from None
-        return conn
-
-    def release(self, conn: UpstreamConnection) -> None:
-        self.busy.discard(conn)
-        if conn.closed or not conn.reusable or self.keepalive == 0:
-            conn.close()
-            return
-        conns = self.idle.setdefault(conn.key, [])
-        if len(conns) >= self.keepalive:
-            conn.close()
-            return
-        conn.deadline = self.loop.time() + self.idle_timeout
-        if conn.transport is not None:
-            # A slow client may have paused it as the last bytes went out; an idle connection reads
-            # (to see the upstream close it), and the next exchange must hear its answer.
-            conn.transport.resume_reading()
-        conns.append(conn)
-
-    def forget(self, conn: UpstreamConnection) -> None:
-        self.busy.discard(conn)
-        conns = self.idle.get(conn.key)
-        if conns and conn in conns:
-            conns.remove(conn)
-
-    def sweep(self, now: float) -> None:
-        """Close idle connections past their time; time out stalled exchanges."""
-        for conns in self.idle.values():
-            for conn in [c for c in conns if c.deadline < now]:
-                conn.close()
-        for conn in [c for c in self.busy if c.deadline < now or c.total_deadline < now]:
-            conn.on_timeout()
-
-    def close_all(self) -> None:
-        for conns in list(self.idle.values()):
-            for conn in list(conns):
-                conn.close()
-        for conn in list(self.busy):
-            with contextlib.suppress(Exception):
-                conn.abort()

@@ -1,0 +1,107 @@
+"""Keeping the garbage collector's full collections short while the gateway's state grows.
+
+A serving process accumulates long-lived state per key: cached records, limiter counters, anomaly
+windows. With 100,000 keys that is about a million objects the cyclic collector tracks, and a full
+collection walks all of them: 100 ms or more with the event loop stopped, every few seconds while
+the heap grows (bench/README.md, `keys_100k`). Python's `gc.freeze()` moves every tracked object
+out of the collector's sight; later collections walk only what was made since.
+
+The price of a freeze: an object frozen while alive in a reference cycle that dies later is never
+collected until unfrozen. The data path is built not to leave such cycles (a closed connection
+detaches its parser; a request leaves no cyclic garbage), so what a freeze can strand is little.
+To bound it anyway, everything is unfrozen every `reclaim_every` seconds: the full collection after
+that walks the whole heap once (one long pause an hour, not one every few seconds), frees what was
+stranded, and is itself long enough to bring the next freeze.
+
+When: a full collection that took `threshold` seconds or more says the unfrozen heap has grown
+large; what survived it is frozen at the next tick (the collector's callbacks may run on any thread,
+and inside a collection, so they only take note).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("gateway.heap")
+
+THRESHOLD = 0.005  # a full collection this long (about 100,000 objects here) brings a freeze
+RECLAIM_EVERY = 3600.0
+TICK = 1.0
+
+
+def settle() -> None:
+    """Collect, then freeze what is left: for what start-up made, which lives as long as the process."""
+    gc.collect()
+    gc.freeze()
+
+
+class HeapKeeper:
+    """Freezes what long full collections leave, and unfreezes everything now and then."""
+
+    def __init__(
+        self,
+        *,
+        threshold: float = THRESHOLD,
+        reclaim_every: float = RECLAIM_EVERY,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.threshold = threshold
+        self.reclaim_every = reclaim_every
+        self.clock = clock
+        self.freeze_due = False
+        self.freezes = 0
+        self.reclaims = 0
+        self.last_reclaim = clock()
+        self._full_started: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # --- the collector's callback: notes only -----------------------------------------------
+    def on_collection(self, phase: str, info: dict[str, Any]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._full_started = self.clock()
+        elif self._full_started is not None:
+            if self.clock() - self._full_started >= self.threshold:
+                self.freeze_due = True
+            self._full_started = None
+
+    # --- on the event loop ----------------------------------------------------------------------
+    def tick(self) -> None:
+        """Freeze when a long full collection asked for it; unfreeze everything when it is time."""
+        now = self.clock()
+        if now - self.last_reclaim >= self.reclaim_every:
+            self.last_reclaim = now
+            if gc.get_freeze_count():
+                gc.unfreeze()
+                self.reclaims += 1
+                self.freeze_due = False
+                log.debug("unfroze the heap; the next full collection walks all of it")
+                return
+        if self.freeze_due:
+            self.freeze_due = False
+            gc.freeze()
+            self.freezes += 1
+            log.debug("froze the heap: %d objects out of the collector's walk", gc.get_freeze_count())
+
+    def start(self, loop: asyncio.AbstractEventLoop, every: float = TICK) -> None:
+        if self.on_collection not in gc.callbacks:
+            gc.callbacks.append(self.on_collection)
+
+        def run() -> None:
+            self.tick()
+            self._timer = loop.call_later(every, run)
+
+        self._timer = loop.call_later(every, run)
+
+    def stop(self) -> None:
+        if self.on_collection in gc.callbacks:
+            gc.callbacks.remove(self.on_collection)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

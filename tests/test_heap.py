@@ -1,0 +1,123 @@
+"""The heap keeper: a long full collection brings a freeze at the next tick, a short one or a young
+one does not, and everything is unfrozen every `reclaim_every` seconds so that what a freeze
+stranded is collected. The collector is Python's own; only the clock timing it is scripted."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.heap import HeapKeeper
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clean_heap() -> Iterator[None]:
+    gc.unfreeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def collection(keeper: HeapKeeper, clock: Clock, generation: int, seconds: float) -> None:
+    """What the collector reports around one collection that took `seconds`."""
+    keeper.on_collection("start", {"generation": generation})
+    clock.now += seconds
+    keeper.on_collection("stop", {"generation": generation, "collected": 0, "uncollectable": 0})
+
+
+def test_only_a_long_full_collection_brings_a_freeze(clean_heap) -> None:
+    clock = Clock()
+    keeper = HeapKeeper(threshold=0.005, clock=clock)
+    collection(keeper, clock, 2, 0.004)
+    collection(keeper, clock, 1, 0.050)  # a young collection, however long, says nothing of the heap
+    keeper.tick()
+    assert gc.get_freeze_count() == 0 and keeper.freezes == 0
+
+    collection(keeper, clock, 2, 0.006)
+    assert gc.get_freeze_count() == 0, "frozen inside the collector's callback"
+    keeper.tick()
+    assert gc.get_freeze_count() > 0 and keeper.freezes == 1
+    keeper.tick()
+    assert keeper.freezes == 1, "one long collection, one freeze"
+
+
+def test_everything_is_unfrozen_every_reclaim_interval(clean_heap) -> None:
+    clock = Clock()
+    keeper = HeapKeeper(threshold=0.005, reclaim_every=3600, clock=clock)
+    collection(keeper, clock, 2, 0.010)
+    keeper.tick()
+    assert gc.get_freeze_count() > 0
+
+    clock.now += 3599
+    keeper.tick()
+    assert gc.get_freeze_count() > 0 and keeper.reclaims == 0
+    clock.now += 1
+    collection(keeper, clock, 2, 0.010)  # a freeze due at reclaim time waits for the next collection
+    keeper.tick()
+    assert gc.get_freeze_count() == 0 and keeper.reclaims == 1
+    keeper.tick()
+    assert gc.get_freeze_count() == 0
+
+    # The long full collection that follows freezes again, and the interval starts over.
+    collection(keeper, clock, 2, 0.010)
+    keeper.tick()
+    assert gc.get_freeze_count() > 0 and keeper.freezes == 2
+    clock.now += 3599
+    keeper.tick()
+    assert keeper.reclaims == 1
+
+
+def test_stranded_cycle_is_collected_after_the_reclaim(clean_heap) -> None:
+    """Why the reclaim exists: a cycle frozen while alive outlives its last reference until then."""
+
+    class Node:
+        pass
+
+    def nodes() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, Node))
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # type: ignore[attr-defined]
+    clock = Clock()
+    keeper = HeapKeeper(reclaim_every=3600, clock=clock)
+    collection(keeper, clock, 2, 0.010)
+    keeper.tick()
+    del a, b
+    gc.collect()
+    assert gc.get_freeze_count() > 0
+    gc.unfreeze()  # only to count them: frozen objects are not listed
+    assert nodes() == 2, "a frozen cycle was collected"
+    gc.freeze()
+    clock.now += 3600
+    keeper.tick()
+    gc.collect()
+    assert nodes() == 0
+
+
+async def test_started_keeper_freezes_after_a_real_long_collection(clean_heap) -> None:
+    keeper = HeapKeeper(threshold=0.0)  # any full collection counts as long
+    keeper.start(asyncio.get_running_loop(), every=0.01)
+    try:
+        assert keeper.on_collection in gc.callbacks
+        gc.collect()
+        assert keeper.freeze_due
+        for _ in range(200):
+            if keeper.freezes:
+                break
+            await asyncio.sleep(0.01)
+        assert keeper.freezes == 1 and gc.get_freeze_count() > 0
+    finally:
+        keeper.stop()
+    assert keeper.on_collection not in gc.callbacks
