@@ -11,9 +11,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.config.schema import GatewayConfig
+from gateway.keys.inputs import Conflict, InvalidInput, KeyNotFound
 from gateway.keys.model import KeyRecord
 from gateway.keys.peppers import PepperMissing
-from gateway.keys.service import Conflict, InvalidInput, KeyNotFound
 from gateway.services import Services
 from gateway.store import StoreUnavailable
 from gateway.usage.report import as_csv, as_json, as_table, usage_rows

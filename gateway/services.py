@@ -15,9 +15,10 @@ from gateway.clock import Clock
 from gateway.config.schema import GatewayConfig
 from gateway.keys.cache import KeyCache
 from gateway.keys.format import KeyFormat
+from gateway.keys.inputs import KeyNotFound
 from gateway.keys.model import AuditEntry
 from gateway.keys.peppers import load_peppers, sqlite_path
-from gateway.keys.service import KeyNotFound, KeyService
+from gateway.keys.service import KeyService
 from gateway.metrics import Metrics
 from gateway.ratelimit.base import Limiter
 from gateway.ratelimit.failover import FailoverLimiter

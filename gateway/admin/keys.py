@@ -9,7 +9,8 @@ from typing import Any
 from aiohttp import web
 
 from gateway.admin.auth import ACTOR, problem
-from gateway.keys.service import Conflict, InvalidInput, KeyNotFound, KeyService
+from gateway.keys.inputs import Conflict, InvalidInput, KeyNotFound
+from gateway.keys.service import KeyService
 from gateway.services import Services
 from gateway.store.base import StoreUnavailable
 from gateway.usage.report import as_csv, as_dicts, usage_rows

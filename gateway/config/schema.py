@@ -12,7 +12,7 @@ from gateway.config.units import Duration, HostPort, Network, Size, parse_rate
 
 _METHOD = re.compile(r"^[A-Z]+$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-_SCOPE = re.compile(r"^(\*|[a-z0-9][a-z0-9_.-]*(:([a-z0-9][a-z0-9_.-]*|\*))*)$")
+SCOPE = re.compile(r"^(\*|[a-z0-9][a-z0-9_.-]*(:([a-z0-9][a-z0-9_.-]*|\*))*)$")
 
 
 def check_rates(rates: list[str]) -> None:
@@ -254,7 +254,7 @@ class RouteConfig(Strict):
                     raise ValueError(f"{m!r} is not an uppercase HTTP method")
         for scopes in lists:
             for s in scopes:
-                if not _SCOPE.match(s):
+                if not SCOPE.match(s):
                     raise ValueError(f"{s!r} is not a scope (like orders:read, orders:* or *)")
         return v
 

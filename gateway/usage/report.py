@@ -7,7 +7,7 @@ import io
 import json
 from datetime import datetime, timedelta
 
-from gateway.keys.service import InvalidInput, check_duration
+from gateway.keys.inputs import InvalidInput, check_duration
 from gateway.store.base import UsageReport, UsageStore
 
 GROUPS = ("key", "owner", "route", "day")

@@ -206,7 +206,7 @@ def _principal(allow: list[str]) -> CachedKey:
     ],
 )
 def test_ip_allow_stage(client: str, allow: list[str], ok: bool) -> None:
-    from gateway.keys.service import check_ips
+    from gateway.keys.inputs import check_ips
 
     stage = IPAllowStage(Metrics())
     ex = Exchange(0.0, 0.0)

@@ -9,7 +9,8 @@ import pytest
 
 from gateway.clock import FakeClock
 from gateway.keys.digest import Pepper, Peppers
-from gateway.keys.service import Conflict, InvalidInput, KeyNotFound, KeyService
+from gateway.keys.inputs import Conflict, InvalidInput, KeyNotFound
+from gateway.keys.service import KeyService
 from tests.helpers.gateway import RunningGateway
 
 from .support import new_key

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from gateway.clock import FakeClock
-from gateway.keys.service import InvalidInput
+from gateway.keys.inputs import InvalidInput
 from tests.helpers.gateway import RunningGateway, start_gateway
 from tests.helpers.upstream import RecordingUpstream
 from tests.keys.support import Resp, bearer, call, config_data, problem, validate
