@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.clock import Clock
-from gateway.config.schema import AnomaliesConfig
+from gateway.config.anomalies import AnomaliesConfig
 from gateway.http.exchange import Exchange
 
 AUTH_FAILURES = frozenset(["invalid_api_key", "expired_api_key", "multiple_api_keys"])

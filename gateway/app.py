@@ -1,15 +1,13 @@
-"""Running the gateway: the proxy and admin listeners, signals, graceful drain, worker processes."""
+"""Running the gateway: one serving process (proxy and admin listeners, signals, graceful drain); `run`
+starts it, or the supervisor of several (`supervisor.py`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import shutil
 import signal
-import socket
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +16,9 @@ from prometheus_client import CollectorRegistry
 
 from gateway.admin.app import build_admin_app
 from gateway.config.schema import GatewayConfig
-from gateway.fleet_metrics import FleetCollector, write_snapshot
+from gateway.fleet_metrics import write_snapshot
 from gateway.heap import HeapKeeper, settle
-from gateway.keys.peppers import PepperMissing, load_peppers
+from gateway.keys.peppers import PepperMissing
 from gateway.proxy import ProxyServer
 from gateway.services import Services
 from gateway.store import StoreUnavailable
@@ -63,7 +61,7 @@ class Gateway:
         try:
             await self.proxy.start()
         except OSError as e:
-            raise StartupError(f"cannot start the proxy listener on {_shown(self.config.listen)}: {e}") from None
+            raise StartupError(f"cannot start the proxy listener on {shown_address(self.config.listen)}: {e}") from None
         if self.metrics_dir is not None:
             self._snapshots = loop.create_task(self._snapshot_loop(self.metrics_dir))
         if self.with_admin:
@@ -81,7 +79,7 @@ class Gateway:
         try:
             await site.start()
         except OSError as e:
-            raise StartupError(f"cannot start the admin listener on {_shown((host, port))}: {e}") from None
+            raise StartupError(f"cannot start the admin listener on {shown_address((host, port))}: {e}") from None
 
     async def stop(self) -> bool:
         """Readiness false, listeners closed, in-flight requests finished (up to shutdown_timeout)."""
@@ -150,7 +148,7 @@ async def open_services(config: GatewayConfig) -> Services:
         raise StartupError(f"the key store at {_redact(config.store)} is unavailable: {e}") from None
 
 
-def _shown(address: tuple[str, int]) -> str:
+def shown_address(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -174,157 +172,9 @@ def run(config: GatewayConfig, workers: int = 1) -> int:
     sys.setswitchinterval(0.001)
     if workers <= 1:
         return asyncio.run(Gateway(config).serve())
-    return _supervise(config, workers)
+    from gateway.supervisor import supervise  # it builds on this module's Gateway
 
-
-def _supervise(config: GatewayConfig, workers: int) -> int:
-    # A fresh SQLite store's generated pepper is made once, here: workers racing to create it would crash.
-    try:
-        load_peppers(config.keys, config.store)
-    except PepperMissing as e:
-        raise StartupError(str(e)) from None
-    # Bind once here so a bad address fails before any fork; the workers bind their own SO_REUSEPORT sockets.
-    host, port = config.listen
-    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        probe.bind((host, port))
-    except OSError as e:
-        probe.close()
-        raise StartupError(f"cannot listen on {_shown((host, port))}: {e.strerror or e}") from None
-    children: list[int] = []
-    metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
-    ready_r, ready_w = os.pipe()
-    for _ in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            probe.close()
-            os.close(ready_r)
-            from gateway.ids import reseed
-
-            reseed()
-            worker = Gateway(config, admin=False)
-            worker.ready_fd = ready_w
-            worker.metrics_dir = metrics_dir
-            code = 1
-            try:  # never return into the supervisor's code: a worker ends here, whatever happens
-                code = asyncio.run(worker.serve())
-            except StartupError as e:
-                print(f"gateway: worker {os.getpid()}: {e}", file=sys.stderr)
-            except KeyboardInterrupt:
-                code = 130
-            except BaseException:
-                log.exception("worker %d failed", os.getpid())
-            finally:
-                sys.stderr.flush()
-                os._exit(code)
-        children.append(pid)
-    probe.close()
-    os.close(ready_w)
-    try:
-        return asyncio.run(_supervisor_loop(config, children, ready_r, metrics_dir))
-    except BaseException:
-        _stop_workers(children, config.shutdown_timeout + config.shutdown_delay + 5)
-        raise
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-
-
-def _stop_workers(children: list[int], timeout: float) -> None:
-    """The supervisor is failing: SIGTERM the workers still running, SIGKILL them after `timeout`."""
-    import time
-
-    alive = []
-    for pid in children:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                os.kill(pid, signal.SIGTERM)
-                alive.append(pid)
-        except ChildProcessError:
-            pass
-    deadline = time.monotonic() + timeout
-    while alive and time.monotonic() < deadline:
-        alive = [pid for pid in alive if os.waitpid(pid, os.WNOHANG)[0] == 0]
-        time.sleep(0.05)
-    for pid in alive:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-
-
-async def _workers_listening(fd: int, workers: int) -> bool:
-    """Wait for a byte from every worker; False when the pipe closes first (a worker died)."""
-    loop = asyncio.get_running_loop()
-    os.set_blocking(fd, False)
-    done: asyncio.Future[bool] = loop.create_future()
-    got = 0
-
-    def readable() -> None:
-        nonlocal got
-        try:
-            data = os.read(fd, 64)
-        except BlockingIOError:
-            return
-        got += len(data)
-        if (not data or got >= workers) and not done.done():
-            done.set_result(got >= workers)
-
-    loop.add_reader(fd, readable)
-    try:
-        return await done
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-
-
-async def _supervisor_loop(config: GatewayConfig, children: list[int], ready_fd: int, metrics_dir: Path) -> int:
-    gw = Gateway(config)
-    gw.services = await open_services(config)
-    gw.metrics_registry = CollectorRegistry(auto_describe=False)
-    gw.metrics_registry.register(FleetCollector(metrics_dir, live=gw.services.metrics.registry))
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await gw.start_admin()
-    alive = set(children)
-
-    async def until_listening() -> None:
-        if await _workers_listening(ready_fd, len(children)) and not stopping.is_set():
-            gw.state.update(ready=True, reason="ready")
-
-    readiness = asyncio.ensure_future(until_listening())
-
-    failed = False  # a worker ended on its own: the exit code says so
-
-    async def reap() -> None:
-        nonlocal failed
-        while alive:
-            for pid in list(alive):
-                done, status = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks
-                if done:
-                    alive.discard(pid)
-                    if not stopping.is_set():
-                        failed = True
-                        log.error("worker %d exited (status %d); stopping", pid, status)
-                        stopping.set()
-            await asyncio.sleep(0.1)
-
-    reaper = asyncio.ensure_future(reap())
-    await stopping.wait()
-    readiness.cancel()
-    gw.state.update(ready=False, reason="draining")
-    for pid in alive:
-        os.kill(pid, signal.SIGTERM)
-    try:
-        await asyncio.wait_for(reaper, config.shutdown_timeout + config.shutdown_delay + 5)
-    except TimeoutError:
-        for pid in alive:
-            os.kill(pid, signal.SIGKILL)
-    if gw.admin_runner is not None:
-        await gw.admin_runner.cleanup()
-    if gw.services is not None:
-        await gw.services.close()
-    return 1 if failed else 0
+    return supervise(config, workers)
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from gateway.config.schema import RouteConfig
+from gateway.config.routes import RouteConfig
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:

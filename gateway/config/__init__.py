@@ -1,6 +1,7 @@
 """Configuration: the gateway.yaml schema and its loader."""
 
 from gateway.config.loader import ConfigError, load_config
-from gateway.config.schema import GatewayConfig, RouteConfig
+from gateway.config.routes import RouteConfig
+from gateway.config.schema import GatewayConfig
 
 __all__ = ["ConfigError", "GatewayConfig", "RouteConfig", "load_config"]

@@ -1,4 +1,7 @@
-"""The typed shape of gateway.yaml: every field defaulted, checked once at load time."""
+"""The typed shape of gateway.yaml: every field defaulted, checked once at load time.
+
+The top level and the shared sections are here; a route's own fields are in `routes.py`, anomaly
+detection's in `anomalies.py`."""
 
 from __future__ import annotations
 
@@ -6,26 +9,14 @@ import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from gateway.config.units import Duration, HostPort, Network, Size, parse_rate
+from gateway.config.anomalies import AnomaliesConfig
+from gateway.config.common import Strict, check_rates
+from gateway.config.routes import RouteConfig
+from gateway.config.units import Duration, HostPort, Network, Size
 
-_METHOD = re.compile(r"^[A-Z]+$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-SCOPE = re.compile(r"^(\*|[a-z0-9][a-z0-9_.-]*(:([a-z0-9][a-z0-9_.-]*|\*))*)$")
-
-
-def check_rates(rates: list[str]) -> None:
-    periods: set[int] = set()
-    for r in rates:
-        _, period = parse_rate(r)
-        if period in periods:
-            raise ValueError(f"two limits per {r.split('/')[-1].strip()}: give one per period")
-        periods.add(period)
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class TLSListener(Strict):
@@ -143,128 +134,6 @@ class LimitsConfig(Strict):
     max_connections: int = Field(default=10000, ge=1, description="open client connections per worker")
 
 
-class Timeouts(Strict):
-    connect: Duration = 5.0
-    read: Duration = Field(default=60.0, description="longest wait for the next byte of the upstream's response")
-    total: Duration | None = Field(default=None, description="whole exchange with the upstream; none by default")
-
-
-class CorsConfig(Strict):
-    origins: list[str] = Field(description="allowed origins, or [\"*\"]")
-    methods: list[str] = Field(default_factory=lambda: ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
-    headers: list[str] = Field(default_factory=lambda: ["authorization", "content-type", "x-api-key"])
-    expose_headers: list[str] = Field(default_factory=list)
-    credentials: bool = False
-    max_age: Duration = 600.0
-
-    @model_validator(mode="after")
-    def _wildcard(self) -> CorsConfig:
-        if self.credentials and "*" in self.origins:
-            raise ValueError("credentials: true cannot be combined with origin \"*\" (browsers refuse it)")
-        return self
-
-
-class RouteConfig(Strict):
-    name: str
-    path: str
-    methods: list[str] | None = None
-    host: str | None = None
-    upstream: str | list[str]
-    strip_prefix: bool = False
-    preserve_host: bool = False
-    auth: Literal["required", "optional", "none"] = "required"
-    scopes: dict[str, list[str]] | list[str] = Field(default_factory=list)
-    ratelimit: list[str] = Field(default_factory=list)
-    query_key_policy: Literal["reject", "warn"] | None = None
-    env: Literal["live", "test"] | None = Field(default=None, description="accept only keys of this env")
-    max_body: Size = Field(default=10 * 1024 * 1024, description="request body cap: 413 before any byte goes upstream")
-    timeouts: Timeouts = Timeouts()
-    upstream_ca: str | None = Field(default=None, description="CA bundle to verify https upstreams (default: system)")
-    websocket: bool = False
-    cors: CorsConfig | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
-            raise ValueError("must be 1-64 letters, digits, '_', '.' or '-'")
-        return v
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        from gateway.http.paths import PathError, canonical_path
-
-        if not v.startswith("/"):
-            raise ValueError("must start with '/'")
-        try:
-            canon = canonical_path(v.encode())
-        except PathError as e:
-            raise ValueError(f"is not a canonical path ({e.detail})") from None
-        if canon.decode() != v:
-            raise ValueError(f"is not in canonical form (write {canon.decode()!r})")
-        return v.rstrip("/") or "/"
-
-    @field_validator("methods")
-    @classmethod
-    def _methods(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return None
-        if not v:
-            raise ValueError("must name at least one method (or be left out for all)")
-        for m in v:
-            if not _METHOD.match(m):
-                raise ValueError(f"{m!r} is not an uppercase HTTP method")
-        return v
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        if not re.fullmatch(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*", v):
-            raise ValueError("must be a host name, optionally starting with '*.'")
-        return v.lower()
-
-    @field_validator("upstream")
-    @classmethod
-    def _upstream(cls, v: str | list[str]) -> str | list[str]:
-        urls = [v] if isinstance(v, str) else v
-        if not urls:
-            raise ValueError("needs at least one URL")
-        for u in urls:
-            parts = urlsplit(u)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"{u!r} is not an http:// or https:// URL")
-            if parts.query or parts.fragment:
-                raise ValueError(f"{u!r}: an upstream URL takes no query or fragment")
-            try:
-                parts.port  # noqa: B018 - raises on a bad port
-            except ValueError:
-                raise ValueError(f"{u!r} has a bad port") from None
-        return v
-
-    @field_validator("scopes")
-    @classmethod
-    def _scopes(cls, v: dict[str, list[str]] | list[str]) -> dict[str, list[str]] | list[str]:
-        lists = v.values() if isinstance(v, dict) else [v]
-        if isinstance(v, dict):
-            for m in v:
-                if not _METHOD.match(m):
-                    raise ValueError(f"{m!r} is not an uppercase HTTP method")
-        for scopes in lists:
-            for s in scopes:
-                if not SCOPE.match(s):
-                    raise ValueError(f"{s!r} is not a scope (like orders:read, orders:* or *)")
-        return v
-
-    @field_validator("ratelimit")
-    @classmethod
-    def _ratelimit(cls, v: list[str]) -> list[str]:
-        check_rates(v)
-        return v
-
-
 class AuthThrottleConfig(Strict):
     """Brute-force protection: failed authentications counted per client IP."""
 
@@ -288,55 +157,6 @@ class UsageConfig(Strict):
     retention: Duration = Field(default=30 * 86400.0, description="raw records kept; rollups kept beyond")
     rollup_interval: Duration = Field(default=3600.0)
     access_log: str = Field(default="", description="JSON access log: '-' for stdout, a file path, or empty")
-
-
-Action = Literal["alert", "suspend"]
-
-
-class RateSpikeConfig(Strict):
-    factor: float = Field(default=10.0, gt=1, description="a window this many times the key's baseline is a spike")
-    min_requests: int = Field(default=100, ge=1, description="smaller windows are never spikes")
-    alpha: float = Field(default=0.3, gt=0, le=1, description="EWMA weight of the newest window")
-    warmup_windows: int = Field(
-        default=5, ge=1, description="windows of history before spikes are judged; a key idle this long warms up again"
-    )
-    action: Action = "alert"
-
-
-class NewNetworkConfig(Strict):
-    prefix_v4: int = Field(default=24, ge=8, le=32)
-    prefix_v6: int = Field(default=48, ge=16, le=128)
-    stable_after: Duration = Field(default=86400.0, description="no new network for this long: the set is stable")
-    max_networks: int = Field(default=64, ge=1)
-    action: Action = "alert"
-
-
-class SharedKeyConfig(Strict):
-    max_addresses: int = Field(default=50, ge=1, description="more client addresses in one window: shared key")
-    action: Action = "alert"
-
-
-class AuthFailuresConfig(Strict):
-    per_ip: int = Field(default=50, ge=1, description="failed authentications per window from one address")
-    per_prefix: int = Field(default=20, ge=1, description="failures per window with keys sharing a prefix")
-
-
-class ScopeRefusalsConfig(Strict):
-    threshold: int = Field(default=20, ge=1, description="insufficient-scope refusals per window for one key")
-    action: Action = "alert"
-
-
-class AnomaliesConfig(Strict):
-    """Detection per key and per client address; each event is audited, counted and logged."""
-
-    enabled: bool = True
-    window: Duration = 60.0
-    max_tracked: int = Field(default=100_000, ge=100, description="keys and addresses remembered at most")
-    rate_spike: RateSpikeConfig = RateSpikeConfig()
-    new_network: NewNetworkConfig = NewNetworkConfig()
-    shared_key: SharedKeyConfig = SharedKeyConfig()
-    auth_failures: AuthFailuresConfig = AuthFailuresConfig()
-    scope_refusals: ScopeRefusalsConfig = ScopeRefusalsConfig()
 
 
 class MetricsConfig(Strict):

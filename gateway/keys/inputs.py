@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from gateway.config.schema import SCOPE, check_rates
+from gateway.config.common import SCOPE, check_rates
 from gateway.config.units import parse_duration, parse_network
 from gateway.keys.format import ENVS
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.config.schema import CorsConfig
+from gateway.config.routes import CorsConfig
 from gateway.errors import DirectResponse, GatewayError
 from gateway.http.exchange import Exchange
 

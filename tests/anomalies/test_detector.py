@@ -15,7 +15,7 @@ import pytest
 
 from gateway.anomalies import Anomaly, AnomalyDetector
 from gateway.clock import FakeClock
-from gateway.config.schema import AnomaliesConfig
+from gateway.config.anomalies import AnomaliesConfig
 from gateway.http.exchange import Exchange
 from gateway.keys.cache import CachedKey
 from gateway.keys.model import KeyRecord

@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from gateway.config import ConfigError, GatewayConfig, RouteConfig, load_config
-from gateway.config.schema import CorsConfig, KeysConfig, LimitsConfig, Strict
+from gateway.config.common import Strict
+from gateway.config.routes import CorsConfig
+from gateway.config.schema import KeysConfig, LimitsConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "gateway.example.yaml"
