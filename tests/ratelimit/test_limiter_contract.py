@@ -265,8 +265,26 @@ async def test_memory_and_redis_decide_identically(redis_url: str, seed: int) ->
             dm = await mem.hit(plan(mem, which), cost)
             dr = await red.hit(plan(red, which), cost)
             assert _view(dm) == _view(dr), f"step {step}"
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            stored = [k async for k in client.scan_iter(match=f"*{{{owners['redis']}}}*")]
+            assert stored
+            for k in stored:
+                await _assert_summary_matches(client, k)
+        finally:
+            await client.aclose()
     finally:
         await red.close()
+
+
+async def _assert_summary_matches(client: aioredis.Redis, key: bytes | str) -> dict[int, int]:
+    """A Redis counter's 't' and 'o' are the total and the oldest of its sub-windows; returns those."""
+    fields = await client.hgetall(key)
+    windows = {int(f): int(v) for f, v in fields.items() if f not in (b"t", b"o")}
+    assert windows, (key, fields)
+    assert int(fields[b"t"]) == sum(windows.values()), (key, fields)
+    assert int(fields[b"o"]) == min(windows), (key, fields)
+    return windows
 
 
 # --- Redis only -------------------------------------------------------------------------------------------
@@ -321,6 +339,35 @@ async def test_redis_coalesces_concurrent_hits_and_admits_exactly_n(redis_url: s
         assert sorted(outcome_of(d, "minute").remaining for d in decisions[:73]) == list(range(73))
         assert all(outcome_of(d, "hour").remaining == 927 for d in decisions[73:])
     finally:
+        await b.close()
+
+
+async def test_redis_counter_without_its_summary_fields_is_read_whole(redis_url: str) -> None:
+    """A counter holding only sub-windows (as written before 't' and 'o' existed, or by hand) is
+    read field by field, its stale sub-windows dropped, and its summary written for next time."""
+    clock = MsClock()
+    b = RedisBackend(clock, redis_url)
+    client = aioredis.Redis.from_url(redis_url)
+    limit = lim(10, MINUTE)
+    c = counters(unique_owner(), limit)
+    (key,) = c.keys
+    now = 1_000_000 * limit.width_ms + 7  # index 1,000,000 (and 7 ms into it)
+    clock.set_ms(now)
+    try:
+        await client.hset(key, mapping={1_000_000 - BUCKETS - 1: 5, 1_000_000 - BUCKETS: 3, 999_999: 2})
+        d = await b.hit(c)
+        assert d.allowed and outcome_of(d, "minute").remaining == 10 - 3 - 2 - 1  # the stale 5 is gone
+        windows = await _assert_summary_matches(client, key)
+        assert windows == {1_000_000 - BUCKETS: 3, 999_999: 2, 1_000_000: 1}
+        # Five more fit, the next one is refused until the oldest sub-window leaves the window.
+        assert [(await b.hit(c)).allowed for _ in range(5)] == [True] * 4 + [False]
+        refused = await b.hit(c)
+        assert not refused.allowed
+        # the oldest sub-window, 1,000,000 - BUCKETS, leaves the window when 1,000,001 begins
+        assert outcome_of(refused, "minute").retry_after == (1_000_001 * limit.width_ms - now) / 1000
+        assert (await _assert_summary_matches(client, key))[1_000_000] == 5
+    finally:
+        await client.aclose()
         await b.close()
 
 
