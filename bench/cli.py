@@ -196,11 +196,14 @@ def run_scenario(
                         procs, t, mode, path=scen.path, duration=args.duration,
                         headers=gw_headers if t.name == report.OURS else headers,
                         load_cpus=load_cpus, log=logs / f"{rnd}-{mode}-{t.name}.txt", helpers=[upstream.proc, *setup.helpers],
+                        backends=setup.backends if t.name == report.OURS else (),
                         script=scripts.get(t.name),
                     )
                     r["round"] = rnd
                     runs[t.name][mode].append(r)
                     cpu = f"{r['cpu_us_per_req']:.1f}" if r["cpu_us_per_req"] else "?"
+                    if r["backend_cpu_us_per_req"] is not None:
+                        cpu += f" (+{r['backend_cpu_us_per_req']:.1f} backends)"
                     err = f"  ERRORS {r['errors']} (non-2xx {r['non_2xx']}, socket {r['socket_errors']})" if r["errors"] else ""
                     warn = f"  ({'; '.join(r['warnings'])})" if r["warnings"] else ""
                     print(

@@ -37,6 +37,12 @@ def summarise(scenario: dict[str, Any]) -> dict[str, Any]:
             "p99_us_c64": spread([r["p99_us"] for r in thr]),
             "cpu_us_per_req": spread([r["cpu_us_per_req"] for r in thr]),
             "cpu_us_per_req_c1": spread([r["cpu_us_per_req"] for r in lat]),
+            # A Redis the gateway's limiter uses: its CPU, and the gateway's plus it, per request.
+            "backend_cpu_us_per_req": spread([r.get("backend_cpu_us_per_req") for r in thr]),
+            "cpu_with_backends_us_per_req": spread(
+                [r["cpu_us_per_req"] + r["backend_cpu_us_per_req"] for r in thr
+                 if r["cpu_us_per_req"] and r.get("backend_cpu_us_per_req") is not None]
+            ),
             "cpu_util_c64": spread([r["cpu_util"] for r in thr]),
             "background_cpu": spread([r.get("background_cpu") for r in thr + lat]),
             "errors": sum(r["errors"] for r in thr + lat),
@@ -101,6 +107,12 @@ def markdown(doc: dict[str, Any]) -> str:
             )
             if s["errors"]:
                 notes.append(f"⚠ {sname}/{proxy}: {s['errors']} failed requests (non-2xx or socket errors)")
+            if s.get("backend_cpu_us_per_req"):
+                notes.append(
+                    f"{sname}: besides the {proxy}'s own CPU, the backends it uses (Redis) spent "
+                    f"{_cell(s['backend_cpu_us_per_req'])} CPU-µs/req; the {proxy} and its backends together: "
+                    f"{_cell(s['cpu_with_backends_us_per_req'])}"
+                )
         bg = max((s["background_cpu"]["max"] for s in scen["summary"].values() if s["background_cpu"]), default=0.0)
         if bg >= BACKGROUND_NOTE:
             notes.append(
