@@ -120,7 +120,8 @@ class Gateway:
         # process, because a worker opens its own services after the fork; what serving then keeps
         # (per-key state) is frozen as it grows (gateway/heap.py).
         settle()
-        self.heap.start(loop)
+        assert self.services is not None
+        self.heap.start(loop, self.services.metrics.registry)
         if self.ready_fd is not None:  # the supervisor reports ready only when every worker listens
             os.write(self.ready_fd, b"1")
             os.close(self.ready_fd)

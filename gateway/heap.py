@@ -16,6 +16,10 @@ stranded, and is itself long enough to bring the next freeze.
 When: a full collection that took `threshold` seconds or more says the unfrozen heap has grown
 large; what survived it is frozen at the next tick (the collector's callbacks may run on any thread,
 and inside a collection, so they only take note).
+
+Every collection's pause is counted for Prometheus (`gateway_gc_pause_seconds{generation}`), with
+the objects frozen (`gateway_gc_frozen_objects`): plain ints, read at a scrape, because a callback
+may run while this thread holds a metric library's lock.
 """
 
 from __future__ import annotations
@@ -24,14 +28,21 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.telemetry import Histogram
 
 log = logging.getLogger("gateway.heap")
 
 THRESHOLD = 0.005  # a full collection this long (about 100,000 objects here) brings a freeze
 RECLAIM_EVERY = 3600.0
 TICK = 1.0
+PAUSE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 def settle() -> None:
@@ -40,7 +51,7 @@ def settle() -> None:
     gc.freeze()
 
 
-class HeapKeeper:
+class HeapKeeper(Collector):
     """Freezes what long full collections leave, and unfreezes everything now and then."""
 
     def __init__(
@@ -57,19 +68,36 @@ class HeapKeeper:
         self.freezes = 0
         self.reclaims = 0
         self.last_reclaim = clock()
-        self._full_started: float | None = None
+        self.pauses = [Histogram(PAUSE_BUCKETS) for _ in range(3)]  # per generation
+        self._started: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._registry: CollectorRegistry | None = None
 
     # --- the collector's callback: notes only -----------------------------------------------
     def on_collection(self, phase: str, info: dict[str, Any]) -> None:
-        if info.get("generation") != 2:
-            return
         if phase == "start":
-            self._full_started = self.clock()
-        elif self._full_started is not None:
-            if self.clock() - self._full_started >= self.threshold:
-                self.freeze_due = True
-            self._full_started = None
+            self._started = self.clock()
+            return
+        if self._started is None:  # registered in the middle of a collection
+            return
+        took = self.clock() - self._started
+        self._started = None
+        generation = info.get("generation", 2)
+        self.pauses[generation].observe(took)
+        if generation == 2 and took >= self.threshold:
+            self.freeze_due = True
+
+    def collect(self) -> Iterator[Metric]:
+        pauses = HistogramMetricFamily(
+            "gateway_gc_pause_seconds", "Garbage collections, by generation (2: full), and how long each stopped the process",
+            labels=["generation"],
+        )
+        for generation, h in enumerate(self.pauses):
+            pauses.add_metric([str(generation)], h.cumulative(), h.sum)
+        yield pauses
+        yield GaugeMetricFamily(
+            "gateway_gc_frozen_objects", "Objects moved out of the collector's walk (gateway/heap.py)", gc.get_freeze_count()
+        )
 
     # --- on the event loop ----------------------------------------------------------------------
     def tick(self) -> None:
@@ -89,9 +117,14 @@ class HeapKeeper:
             self.freezes += 1
             log.debug("froze the heap: %d objects out of the collector's walk", gc.get_freeze_count())
 
-    def start(self, loop: asyncio.AbstractEventLoop, every: float = TICK) -> None:
+    def start(
+        self, loop: asyncio.AbstractEventLoop, registry: CollectorRegistry | None = None, every: float = TICK
+    ) -> None:
         if self.on_collection not in gc.callbacks:
             gc.callbacks.append(self.on_collection)
+        if registry is not None and self._registry is None:
+            registry.register(self)
+            self._registry = registry
 
         def run() -> None:
             self.tick()
@@ -100,6 +133,7 @@ class HeapKeeper:
         self._timer = loop.call_later(every, run)
 
     def stop(self) -> None:
+        """Stops freezing; the pause metrics stay registered, for the last snapshot a worker writes."""
         if self.on_collection in gc.callbacks:
             gc.callbacks.remove(self.on_collection)
         if self._timer is not None:

@@ -32,22 +32,28 @@ _new_record = tuple.__new__
 
 
 class Histogram:
-    __slots__ = ("counts", "sum")
+    __slots__ = ("bounds", "counts", "sum")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    def family(self, name: str, doc: str) -> HistogramMetricFamily:
-        cumulative, running = [], 0
-        for bound, n in zip((*BUCKETS, float("inf")), self.counts, strict=True):
+    def cumulative(self) -> list[tuple[str, float]]:
+        """The buckets as Prometheus has them: each counts everything up to its bound."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
             running += n
-            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
-        return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=self.sum)
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        return HistogramMetricFamily(name, doc, buckets=self.cumulative(), sum_value=self.sum)
 
 
 class RequestMetrics(Collector):

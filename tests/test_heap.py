@@ -9,6 +9,7 @@ import gc
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from gateway.heap import HeapKeeper
 
@@ -51,6 +52,26 @@ def test_only_a_long_full_collection_brings_a_freeze(clean_heap) -> None:
     assert gc.get_freeze_count() > 0 and keeper.freezes == 1
     keeper.tick()
     assert keeper.freezes == 1, "one long collection, one freeze"
+
+
+def test_pauses_are_counted_per_generation_for_prometheus(clean_heap) -> None:
+    clock = Clock()
+    keeper = HeapKeeper(threshold=0.005, clock=clock)
+    registry = CollectorRegistry()
+    registry.register(keeper)
+    collection(keeper, clock, 0, 0.0002)
+    collection(keeper, clock, 0, 0.0002)
+    collection(keeper, clock, 2, 0.030)
+    keeper.tick()
+    get = registry.get_sample_value
+    assert get("gateway_gc_pause_seconds_count", {"generation": "0"}) == 2
+    assert get("gateway_gc_pause_seconds_bucket", {"generation": "0", "le": "0.00025"}) == 2
+    assert get("gateway_gc_pause_seconds_bucket", {"generation": "0", "le": "0.0001"}) == 0
+    assert get("gateway_gc_pause_seconds_count", {"generation": "1"}) == 0
+    assert get("gateway_gc_pause_seconds_bucket", {"generation": "2", "le": "0.025"}) == 0
+    assert get("gateway_gc_pause_seconds_bucket", {"generation": "2", "le": "0.05"}) == 1
+    assert get("gateway_gc_pause_seconds_sum", {"generation": "2"}) == pytest.approx(0.030)
+    assert get("gateway_gc_frozen_objects") == gc.get_freeze_count() > 0
 
 
 def test_everything_is_unfrozen_every_reclaim_interval(clean_heap) -> None:
