@@ -213,6 +213,7 @@ def run_scenario(
                         f"background {r['background_cpu'] or 0:.2f} CPU{err}{warn}",
                         flush=True,
                     )
+        gc_pauses = _gc_pauses(admin_port)
     finally:
         for t in targets:  # the anchor first
             procs.stop(t.proc)
@@ -226,8 +227,39 @@ def run_scenario(
         "note": scen.note,
         "gateway_config": config,
         "gateway_log_problems": problems[:50],
+        "gateway_gc": gc_pauses,
         "runs": runs,
     }
+
+
+def _gc_pauses(admin_port: int) -> dict[str, Any] | None:
+    """The gateway's full collections over the whole scenario (warm-ups included), from its /metrics:
+    how many, their total, and the bucket bound the longest fell under."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = http_get(admin_port, "/metrics", {})
+    if status != 200:
+        return None
+    buckets: list[tuple[float, float]] = []
+    out: dict[str, Any] = {}
+    for fam in text_string_to_metric_families(body.decode()):
+        if fam.name != "gateway_gc_pause_seconds":
+            continue
+        for sample in fam.samples:
+            if sample.labels.get("generation") != "2":
+                continue
+            if sample.name.endswith("_bucket"):
+                buckets.append((float(sample.labels["le"]), sample.value))
+            elif sample.name.endswith("_count"):
+                out["full_collections"] = int(sample.value)
+            elif sample.name.endswith("_sum"):
+                out["full_seconds"] = sample.value
+    if not buckets:
+        return None
+    buckets.sort()
+    total = buckets[-1][1]
+    out["longest_under_s"] = next((le for le, n in buckets if n >= total), None) if total else 0.0
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -121,6 +121,14 @@ def markdown(doc: dict[str, Any]) -> str:
             )
         if scen.get("note"):
             notes.append(f"{sname}: {scen['note']}")
+        gc_run = scen.get("gateway_gc")
+        if gc_run and gc_run.get("full_collections"):
+            longest = gc_run["longest_under_s"]
+            bound = "over 1 s" if longest == float("inf") else f"at most {longest * 1000:g} ms"
+            notes.append(
+                f"{sname}: the gateway made {gc_run['full_collections']} full garbage collections over the scenario "
+                f"({gc_run['full_seconds'] * 1000:.0f} ms in all; the longest {bound})"
+            )
         if FLOOR in scen["summary"]:
             notes.append(
                 f"{sname}: `{FLOOR}` is bench/floor_proxy.py, a bare llhttp proxy on uvloop with a pooled upstream "

@@ -14,12 +14,15 @@ that walks the whole heap once (one long pause an hour, not one every few second
 stranded, and is itself long enough to bring the next freeze.
 
 When: a full collection that took `threshold` seconds or more says the unfrozen heap has grown
-large; what survived it is frozen at the next tick (the collector's callbacks may run on any thread,
-and inside a collection, so they only take note).
+large; what survived it is frozen at once, from the collector's own callback. That is the best
+moment: the collection has just freed every piece of cyclic garbage and emptied the younger
+generations, so only cycles still alive can be stranded (a freeze at a later tick would also catch
+whatever died in between). Freezing only moves the collector's lists; the callback does nothing
+else that could block (no logging, no metric library's lock), because it runs on whichever thread
+allocated, in the middle of whatever that thread was doing.
 
 Every collection's pause is counted for Prometheus (`gateway_gc_pause_seconds{generation}`), with
-the objects frozen (`gateway_gc_frozen_objects`): plain ints, read at a scrape, because a callback
-may run while this thread holds a metric library's lock.
+the objects frozen (`gateway_gc_frozen_objects`): plain ints, read at a scrape.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def settle() -> None:
 
 
 class HeapKeeper(Collector):
-    """Freezes what long full collections leave, and unfreezes everything now and then."""
+    """Freezes what long full collections leave, unfreezes everything now and then, counts pauses."""
 
     def __init__(
         self,
@@ -64,7 +67,6 @@ class HeapKeeper(Collector):
         self.threshold = threshold
         self.reclaim_every = reclaim_every
         self.clock = clock
-        self.freeze_due = False
         self.freezes = 0
         self.reclaims = 0
         self.last_reclaim = clock()
@@ -73,7 +75,7 @@ class HeapKeeper(Collector):
         self._timer: asyncio.TimerHandle | None = None
         self._registry: CollectorRegistry | None = None
 
-    # --- the collector's callback: notes only -----------------------------------------------
+    # --- the collector's callback ----------------------------------------------------------------
     def on_collection(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started = self.clock()
@@ -85,7 +87,8 @@ class HeapKeeper(Collector):
         generation = info.get("generation", 2)
         self.pauses[generation].observe(took)
         if generation == 2 and took >= self.threshold:
-            self.freeze_due = True
+            gc.freeze()
+            self.freezes += 1
 
     def collect(self) -> Iterator[Metric]:
         pauses = HistogramMetricFamily(
@@ -101,21 +104,16 @@ class HeapKeeper(Collector):
 
     # --- on the event loop ----------------------------------------------------------------------
     def tick(self) -> None:
-        """Freeze when a long full collection asked for it; unfreeze everything when it is time."""
+        """Unfreeze everything when it is time (what is frozen, and when, the callback decides)."""
         now = self.clock()
-        if now - self.last_reclaim >= self.reclaim_every:
-            self.last_reclaim = now
-            if gc.get_freeze_count():
-                gc.unfreeze()
-                self.reclaims += 1
-                self.freeze_due = False
-                log.debug("unfroze the heap; the next full collection walks all of it")
-                return
-        if self.freeze_due:
-            self.freeze_due = False
-            gc.freeze()
-            self.freezes += 1
-            log.debug("froze the heap: %d objects out of the collector's walk", gc.get_freeze_count())
+        if now - self.last_reclaim < self.reclaim_every:
+            return
+        self.last_reclaim = now
+        frozen = gc.get_freeze_count()
+        if frozen:
+            gc.unfreeze()
+            self.reclaims += 1
+            log.debug("unfroze %d objects; the next full collection walks all of them", frozen)
 
     def start(
         self, loop: asyncio.AbstractEventLoop, registry: CollectorRegistry | None = None, every: float = TICK
