@@ -8,8 +8,6 @@ import time
 # Request ids need uniqueness, not secrecy: the Mersenne generator costs a tenth of os.urandom.
 _rand = random.Random()
 _getrandbits = _rand.getrandbits
-_VARIANT = 0b10 << 62
-_LOW62 = (1 << 62) - 1
 
 
 class _Prefix:
@@ -34,9 +32,9 @@ def uuid7() -> str:
         t = f"{ms & 0xFFFFFFFFFFFF:012x}"
         p.text = f"{t[:8]}-{t[8:]}-7"
         p.ms = ms
-    r = _getrandbits(74)  # 12 bits after the version, 62 after the variant
-    low = f"{_VARIANT | r & _LOW62:016x}"
-    return f"{p.text}{r >> 62:03x}-{low[:4]}-{low[4:]}"
+    r = _getrandbits(74)  # 12 bits after the version, 62 after the variant (0b10, the 0x8000 below)
+    # One %-format: 0.7 µs, where f-strings and slicing took 0.9 (every request mints an id).
+    return "%s%03x-%04x-%012x" % (p.text, r >> 62, 0x8000 | (r >> 48) & 0x3FFF, r & 0xFFFFFFFFFFFF)  # noqa: UP031
 
 
 def reseed() -> None:
