@@ -86,7 +86,6 @@ class Gateway:
         self.state.update(ready=False, reason="draining")
         if self.config.shutdown_delay:
             await asyncio.sleep(self.config.shutdown_delay)
-        self.heap.stop()
         clean = True
         if self.proxy is not None:
             clean = await self.proxy.drain(self.config.shutdown_timeout)
@@ -122,15 +121,18 @@ class Gateway:
         settle()
         assert self.services is not None
         self.heap.start(loop, self.services.metrics.registry)
-        if self.ready_fd is not None:  # the supervisor reports ready only when every worker listens
-            os.write(self.ready_fd, b"1")
-            os.close(self.ready_fd)
-            self.ready_fd = None
-        host, port = self.config.listen
-        log.info("proxy listening on %s:%d", host, port)
-        await self.stopping.wait()
-        log.info("draining")
-        clean = await self.stop()
+        try:
+            if self.ready_fd is not None:  # the supervisor reports ready only when every worker listens
+                os.write(self.ready_fd, b"1")
+                os.close(self.ready_fd)
+                self.ready_fd = None
+            host, port = self.config.listen
+            log.info("proxy listening on %s:%d", host, port)
+            await self.stopping.wait()
+            log.info("draining")
+            clean = await self.stop()
+        finally:
+            self.heap.stop()
         if not clean:
             log.warning("shutdown_timeout passed with requests still in flight; they were cut")
         return 0

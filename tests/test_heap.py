@@ -69,7 +69,8 @@ def test_pauses_are_counted_per_generation_for_prometheus(clean_heap) -> None:
     assert get("gateway_gc_pause_seconds_bucket", {"generation": "2", "le": "0.025"}) == 0
     assert get("gateway_gc_pause_seconds_bucket", {"generation": "2", "le": "0.05"}) == 1
     assert get("gateway_gc_pause_seconds_sum", {"generation": "2"}) == pytest.approx(0.030)
-    assert get("gateway_gc_frozen_objects") == gc.get_freeze_count() > 0
+    assert get("gateway_gc_freezes_total") == 1 and gc.get_freeze_count() > 0
+    assert get("gateway_gc_reclaims_total") == 0
 
 
 def test_everything_is_unfrozen_every_reclaim_interval(clean_heap) -> None:
@@ -134,3 +135,26 @@ async def test_started_keeper_freezes_as_a_real_long_collection_ends(clean_heap)
     finally:
         keeper.stop()
     assert keeper.on_collection not in gc.callbacks
+    assert gc.get_freeze_count() == 0, "a stopped keeper leaves nothing frozen"
+
+
+async def test_ticks_run_until_stopped_even_when_started_twice(clean_heap) -> None:
+    clock = Clock()
+    keeper = HeapKeeper(reclaim_every=1.0, clock=clock)
+    loop = asyncio.get_running_loop()
+    keeper.start(loop, every=0.001)
+    keeper.start(loop, every=0.001)  # one chain of ticks, not two
+    try:
+        for _ in range(3):
+            clock.now += 1.0
+            before = keeper.reclaims
+            for _ in range(500):
+                await asyncio.sleep(0.002)
+                if keeper.reclaims > before:
+                    break
+            assert keeper.reclaims == before + 1, "each second of the clock, one reclaim from the ticks"
+    finally:
+        keeper.stop()
+    clock.now += 10.0
+    await asyncio.sleep(0.05)
+    assert keeper.reclaims == 3, "ticks went on after stop()"
