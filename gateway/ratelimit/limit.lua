@@ -1,10 +1,13 @@
 -- Every limit of one request, decided atomically: admit only if all admit; a refusal consumes none.
 -- The same sliding sub-window algorithm as gateway/ratelimit/memory.py (see policy.py).
 -- KEYS[i]: one hash per counter, all sharing a hash tag. Its fields: one per live sub-window
---   (index = count), and 't' (the sum of those counts) and 'o' (the oldest index), so that the common
---   decision reads two fields, not every sub-window: the whole hash is read only when a sub-window
---   has aged out (once per sub-window width at most), when 't' or 'o' is missing (a new counter, or
---   one written before they existed), or to compute the retry time of a limit that refuses.
+--   (index = count), and two that sum them up, so that the common decision reads two fields, not
+--   every sub-window: '-1' (the total of the sub-windows) and '-2' (the oldest index). The whole
+--   hash is read only when a sub-window has aged out (once per sub-window width at most), when the
+--   two are missing (a new counter), or for the retry time of a limit that refuses.
+--   They are negative numbers on purpose: the previous version of this script, which a gateway not
+--   yet upgraded may still run against the same counters, reads them as aged-out sub-windows and
+--   deletes them (this one then rebuilds them) instead of failing on a field that is not a number.
 -- ARGV: buckets, cost, now_ms (0: use the server's TIME, never a replica's clock),
 --       then per key: count, period_s, width_ms.
 local buckets = tonumber(ARGV[1])
@@ -15,30 +18,34 @@ if now == 0 then
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- The live sub-windows of a counter, oldest first; stale ones deleted, 't' and 'o' rewritten.
-local function rebuild(key, floor_index)
+-- The live sub-windows of a counter, oldest first, their total, and the aged-out fields.
+local function read_all(key, floor_index)
   local raw = redis.call('HGETALL', key)
   local list, stale, total = {}, {}, 0
   for j = 1, #raw, 2 do
-    local f = raw[j]
-    if f ~= 't' and f ~= 'o' then
-      local b = tonumber(f)
+    local b = tonumber(raw[j])
+    if b ~= nil and b >= 0 then  -- a sub-window, not one of the two summary fields
       if b < floor_index then
-        stale[#stale + 1] = f
+        stale[#stale + 1] = raw[j]
       else
-        local c = tonumber(raw[j + 1])
-        total = total + c
-        list[#list + 1] = {b, c}
+        total = total + tonumber(raw[j + 1])
+        list[#list + 1] = {b, tonumber(raw[j + 1])}
       end
     end
   end
+  table.sort(list, function(a, b) return a[1] < b[1] end)
+  return list, total, stale, #raw
+end
+
+-- As read_all, with the aged-out sub-windows deleted and the two summary fields written.
+local function rebuild(key, floor_index)
+  local list, total, stale, fields = read_all(key, floor_index)
   if #list == 0 then
-    if #raw > 0 then redis.call('DEL', key) end
+    if fields > 0 then redis.call('DEL', key) end
     return list, 0, nil
   end
   if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
-  table.sort(list, function(a, b) return a[1] < b[1] end)
-  redis.call('HSET', key, 't', total, 'o', list[1][1])
+  redis.call('HSET', key, '-1', total, '-2', list[1][1])
   return list, total, list[1][1]
 end
 
@@ -50,7 +57,7 @@ for i = 1, n do
   local width = tonumber(ARGV[3 + i * 3])
   local index = math.floor(now / width)
   local floor_index = index - buckets
-  local kept = redis.call('HMGET', KEYS[i], 't', 'o')
+  local kept = redis.call('HMGET', KEYS[i], '-1', '-2')
   local total, oldest = tonumber(kept[1]), tonumber(kept[2])
   if total == nil or oldest == nil or oldest < floor_index then
     lists[i], total, oldest = rebuild(KEYS[i], floor_index)
@@ -67,19 +74,19 @@ for i = 1, n do
   local total, oldest, index = totals[i], oldests[i], indexes[i]
   local retry = 0
   if allowed == 1 then
-    local in_window = redis.call('HINCRBY', KEYS[i], index, cost)
-    redis.call('HINCRBY', KEYS[i], 't', cost)
+    redis.call('HINCRBY', KEYS[i], index, cost)
+    redis.call('HINCRBY', KEYS[i], '-1', cost)
     if oldest == nil or index < oldest then
       oldest = index
-      redis.call('HSET', KEYS[i], 'o', index)
+      redis.call('HSET', KEYS[i], '-2', index)
     end
-    -- The newest sub-window is counted until (index + buckets + 1) * width: an expiry set when it
-    -- opens, a period and two widths on, outlives it, so later hits in it need not renew it.
-    if in_window == cost then redis.call('PEXPIRE', KEYS[i], period * 1000 + 2 * width) end
+    -- Renewed on every admission: a counter outlives its newest sub-window even if Redis's clock
+    -- steps back (an expiry set only when a sub-window opens could then end too early).
+    redis.call('PEXPIRE', KEYS[i], period * 1000 + 2 * width)
     total = total + cost
   elseif total + cost > count then
     -- The first moment enough old sub-windows have left the window for this request to fit.
-    local list = lists[i] or rebuild(KEYS[i], index - buckets)
+    local list = lists[i] or read_all(KEYS[i], index - buckets)  -- a refusal writes nothing
     local need = total + cost - count
     local freed = 0
     retry = period * 1000
