@@ -95,6 +95,9 @@ class Forwarding(Responses):
         if self.closed or ex is not self.active or ex.done:
             conn.close()
             return
+        if conn.closed:  # the upstream hung up between accepting and our first write
+            self.upstream_failed(ex, GatewayError("upstream_unavailable", "the upstream closed the connection"), False)
+            return
         self._send(ex, conn, head)
 
     def _send(self, ex: Exchange, conn: UpstreamConnection, head: bytes) -> None:

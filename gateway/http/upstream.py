@@ -102,7 +102,7 @@ class UpstreamConnection(asyncio.Protocol):
     def send(self, ex: Exchange, client: Forwarding, head: bytes, now: float) -> None:
         """Write the request head and whatever body is already buffered."""
         assert self.transport is not None
-        if self.skip_body or self.parser is None:
+        if self.skip_body:  # the last exchange answered a HEAD: its parser cannot go on
             self.parser = httptools.HttpResponseParser(self)
         self.ex, self.client = ex, client
         self.headers = []

@@ -14,6 +14,7 @@ import pytest
 
 from gateway.http.server import ClientConnection
 from gateway.http.upstream import UpstreamConnection
+from tests.helpers.net import free_port
 from tests.helpers.polling import wait_for
 
 from .wire import get, route
@@ -59,3 +60,40 @@ async def test_closed_client_and_upstream_connections_are_freed_without_the_coll
         lambda: alive(UpstreamConnection) == before[1], 3, 0.01, "the closed upstream connections freed"
     )
     assert not gc.isenabled()  # nothing above turned the collector back on
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (get("/x", extra="Connection: close\r\n"), 200),  # the gateway closes after answering
+        (b"HEAD /x HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n", 200),  # a fresh parser upstream
+        (b"GET /x HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (get("/x", host="a.test\r\nHost: b.test"), 400),  # refused by the pipeline, not the parser
+    ],
+)
+async def test_connections_ended_by_the_gateway_are_freed_without_the_collector(
+    up, gateway, no_collector, request_bytes: bytes, status: int
+) -> None:
+    before = alive(ClientConnection), alive(UpstreamConnection)
+    h = await gateway([route(up)])
+    c = await h.client()
+    await c.send(request_bytes)
+    assert (await c.response(head_only=request_bytes.startswith(b"HEAD"))).status == status
+    assert await c.closed()
+    await wait_for(lambda: not h.proxy.connections, 3, 0.01, "the gateway's side closed")
+    h.proxy.pool.close_all()
+    await wait_for(
+        lambda: (alive(ClientConnection), alive(UpstreamConnection)) == before, 3, 0.01, "both sides freed"
+    )
+
+
+async def test_connection_to_a_refused_upstream_is_freed_without_the_collector(gateway, no_collector) -> None:
+    before = alive(ClientConnection), alive(UpstreamConnection)
+    h = await gateway([route(f"http://127.0.0.1:{free_port()}")])
+    c = await h.client()
+    await c.send(get("/x"))
+    assert (await c.response()).status == 502
+    c.close()
+    await wait_for(
+        lambda: (alive(ClientConnection), alive(UpstreamConnection)) == before, 3, 0.01, "the connection freed"
+    )

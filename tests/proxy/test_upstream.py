@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from tests.helpers.net import free_port
+from tests.helpers.polling import wait_for
 from tests.helpers.upstream import RecordingUpstream, ok
 
 from .wire import (
@@ -133,6 +134,26 @@ async def test_upstream_closing_mid_body_aborts_the_client(gateway, chunked) -> 
 async def test_upstream_connection_refused_is_502(gateway) -> None:
     h = await gateway([route(f"http://127.0.0.1:{free_port()}")])
     assert_problem(await h.one(get("/")), 502, "upstream_unavailable")
+
+
+async def test_fresh_upstream_connection_closed_before_the_first_write_is_502_at_once(up, gateway) -> None:
+    """The upstream accepts and hangs up before the request is written (a race on a real network:
+    here its hang-up is made to arrive first). The client must not wait out the read timeout."""
+    h = await gateway([route(up, timeouts={"read": "30s"})])
+    pool = h.proxy.pool
+    real_connect = pool.connect
+
+    async def connect_then_hang_up(upstream, timeout):
+        conn = await real_connect(upstream, timeout)
+        conn.transport.close()
+        await wait_for(lambda: conn.closed, 2, 0.001, "its connection_lost, with no exchange on it yet")
+        return conn
+
+    pool.connect = connect_then_hang_up
+    assert_problem(await h.one(get("/"), timeout=2.0), 502, "upstream_unavailable")
+    pool.connect = real_connect
+    r = await h.one(get("/"))
+    assert r.status == 200
 
 
 async def test_upstream_that_never_answers_is_504_within_the_read_timeout(up, gateway) -> None:
