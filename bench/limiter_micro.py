@@ -42,8 +42,8 @@ def plans(prefix: str, keys: int) -> list[Counters]:
     out = []
     for i in range(keys):
         tag = "{" + f"{prefix}o{i}" + "}"
-        keys = [f"rl:{tag}:k:key{i}:{lim.name}" for lim in own] + [f"rl:{tag}:o:{lim.name}" for lim in owner]
-        out.append(Counters(tuple(keys), limits))
+        names = [f"rl:{tag}:k:key{i}:{lim.name}" for lim in own] + [f"rl:{tag}:o:{lim.name}" for lim in owner]
+        out.append(Counters(tuple(names), limits))
     return out
 
 
