@@ -126,7 +126,8 @@ def markdown(doc: dict[str, Any]) -> str:
             longest = gc_run["longest_at_most_s"]
             bound = "over 1 s" if longest is None else f"at most {longest * 1000:g} ms"
             notes.append(
-                f"{sname}: the gateway made {gc_run['full_collections']} full garbage collections over the scenario "
+                f"{sname}: the gateway made {gc_run['full_collections']} full garbage "
+                f"collection{'' if gc_run['full_collections'] == 1 else 's'} over the scenario "
                 f"({gc_run['full_seconds'] * 1000:.0f} ms in all; the longest {bound})"
             )
         if FLOOR in scen["summary"]:
