@@ -1,10 +1,12 @@
 -- Every limit of one request, decided atomically: admit only if all admit; a refusal consumes none.
 -- The same sliding sub-window algorithm as gateway/ratelimit/memory.py (see policy.py).
 -- KEYS[i]: one hash per counter, all sharing a hash tag. Its fields: one per live sub-window
---   (index = count), and two that sum them up, so that the common decision reads two fields, not
---   every sub-window: '-1' (the total of the sub-windows) and '-2' (the oldest index). The whole
---   hash is read only when a sub-window has aged out (once per sub-window width at most), when the
---   two are missing (a new counter), or for the retry time of a limit that refuses.
+--   (index = count), and three that sum them up, so that the common decision reads those, not
+--   every sub-window: '-1' (the total of the sub-windows), '-2' (the oldest index) and '-3' (the
+--   newest). The whole hash is read only when a sub-window has aged out (once per sub-window width
+--   at most), when they are missing (a new counter), or for the retry time of a limit that refuses.
+--   A hit goes to the newest sub-window when the clock says an older one (it stepped back), as in
+--   memory.py: counted late, its slot frees late, never early.
 --   They are negative numbers on purpose: the previous version of this script, which a gateway not
 --   yet upgraded may still run against the same counters, reads them as aged-out sub-windows and
 --   deletes them (this one then rebuilds them) instead of failing on a field that is not a number.
@@ -37,32 +39,32 @@ local function read_all(key, floor_index)
   return list, total, stale, #raw
 end
 
--- As read_all, with the aged-out sub-windows deleted and the two summary fields written.
+-- As read_all, with the aged-out sub-windows deleted and the summary fields written.
 local function rebuild(key, floor_index)
   local list, total, stale, fields = read_all(key, floor_index)
   if #list == 0 then
     if fields > 0 then redis.call('DEL', key) end
-    return list, 0, nil
+    return list, 0, nil, nil
   end
   if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
-  redis.call('HSET', key, '-1', total, '-2', list[1][1])
-  return list, total, list[1][1]
+  redis.call('HSET', key, '-1', total, '-2', list[1][1], '-3', list[#list][1])
+  return list, total, list[1][1], list[#list][1]
 end
 
 local n = #KEYS
-local totals, oldests, indexes, lists = {}, {}, {}, {}
+local totals, oldests, newests, indexes, lists = {}, {}, {}, {}, {}
 local allowed = 1
 for i = 1, n do
   local count = tonumber(ARGV[1 + i * 3])
   local width = tonumber(ARGV[3 + i * 3])
   local index = math.floor(now / width)
   local floor_index = index - buckets
-  local kept = redis.call('HMGET', KEYS[i], '-1', '-2')
-  local total, oldest = tonumber(kept[1]), tonumber(kept[2])
-  if total == nil or oldest == nil or oldest < floor_index then
-    lists[i], total, oldest = rebuild(KEYS[i], floor_index)
+  local kept = redis.call('HMGET', KEYS[i], '-1', '-2', '-3')
+  local total, oldest, newest = tonumber(kept[1]), tonumber(kept[2]), tonumber(kept[3])
+  if total == nil or oldest == nil or newest == nil or oldest < floor_index then
+    lists[i], total, oldest, newest = rebuild(KEYS[i], floor_index)
   end
-  totals[i], oldests[i], indexes[i] = total, oldest, index
+  totals[i], oldests[i], newests[i], indexes[i] = total, oldest, newest, index
   if total + cost > count then allowed = 0 end
 end
 
@@ -71,14 +73,17 @@ for i = 1, n do
   local count = tonumber(ARGV[1 + i * 3])
   local period = tonumber(ARGV[2 + i * 3])
   local width = tonumber(ARGV[3 + i * 3])
-  local total, oldest, index = totals[i], oldests[i], indexes[i]
+  local total, oldest, newest, index = totals[i], oldests[i], newests[i], indexes[i]
   local retry = 0
   if allowed == 1 then
+    if newest ~= nil and newest > index then index = newest end
     redis.call('HINCRBY', KEYS[i], index, cost)
     redis.call('HINCRBY', KEYS[i], '-1', cost)
-    if oldest == nil or index < oldest then
+    if oldest == nil then
       oldest = index
-      redis.call('HSET', KEYS[i], '-2', index)
+      redis.call('HSET', KEYS[i], '-2', index, '-3', index)
+    elseif index > newest then
+      redis.call('HSET', KEYS[i], '-3', index)
     end
     -- Renewed on every admission: a counter outlives its newest sub-window even if Redis's clock
     -- steps back (an expiry set only when a sub-window opens could then end too early).

@@ -58,7 +58,9 @@ class MemoryLimiter(Limiter):
             return Decision(False, [_outcome(w, limit, now_ms, cost) for w, limit, _ in states])
         outcomes = []
         for w, limit, index in states:
-            if len(w) > 1 and w[-2] == index:
+            # The newest sub-window takes the hit when it is this one, or later: if the clock stepped
+            # back, counting the hit late keeps the list in order and frees its slot late, never early.
+            if len(w) > 1 and w[-2] >= index:
                 w[-1] += cost
             else:
                 w += (index, cost)

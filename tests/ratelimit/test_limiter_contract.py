@@ -209,6 +209,26 @@ async def test_reset_is_sane(backend: Backend) -> None:
                 assert 0 < o.retry_after <= period + period / BUCKETS
 
 
+async def test_a_clock_stepping_back_never_frees_a_slot_early(backend: Backend) -> None:
+    """A hit the clock places before the newest sub-window (an NTP step back) counts in the newest:
+    its slot frees with that one, not with the earlier sub-window it named."""
+    clock = backend.clock
+    width = 1000 // BUCKETS
+    clock.set_ms(clock.ms // width * width)  # at the start of a sub-window
+    start = clock.ms
+    c = counters(unique_owner(), lim(3, SECOND))
+    assert (await backend.hit(c)).allowed  # sub-window 0
+    clock.set_ms(start + 14 * width)
+    assert (await backend.hit(c)).allowed  # sub-window 14
+    clock.set_ms(start + 2 * width)
+    assert (await backend.hit(c)).allowed  # the clock says sub-window 2: counted in 14
+    # Sub-windows 0 and 2 have left the window, 14 has not: two hits are still counted.
+    clock.set_ms(start + (BUCKETS + 3) * width)
+    d = await backend.hit(c)
+    assert d.allowed and d.outcomes[0].remaining == 0
+    assert not (await backend.hit(c)).allowed
+
+
 async def test_no_window_of_a_period_ever_admits_more_than_the_limit(backend: Backend) -> None:
     """The sliding window's guarantee, and its bound on the other side: a refusal means the last
     period plus at most one sub-window already holds the limit."""
@@ -259,7 +279,7 @@ async def test_memory_and_redis_decide_identically(redis_url: str, seed: int) ->
 
     try:
         for step in range(400):
-            advance = rnd.choice([0, 0, 0, 30, 120, 700, 2500, 9000])
+            advance = rnd.choice([0, 0, 0, 30, 120, 700, 2500, 9000, -40, -700, -3000])  # the clock may step back
             which, cost = rnd.randint(1, 3), rnd.choice([1, 1, 1, 2])
             for b in (mem, red):
                 b.clock.advance_ms(advance)
@@ -279,13 +299,14 @@ async def test_memory_and_redis_decide_identically(redis_url: str, seed: int) ->
 
 
 async def _assert_summary_matches(client: aioredis.Redis, key: bytes | str) -> dict[int, int]:
-    """A Redis counter's fields '-1' and '-2' are the total and the oldest of its sub-windows (the
-    fields numbered from 0); returns the sub-windows."""
+    """A Redis counter's fields '-1', '-2' and '-3' are the total, the oldest and the newest of its
+    sub-windows (the fields numbered from 0); returns the sub-windows."""
     fields = await client.hgetall(key)
     windows = {int(f): int(v) for f, v in fields.items() if int(f) >= 0}
     assert windows, (key, fields)
     assert int(fields[b"-1"]) == sum(windows.values()), (key, fields)
     assert int(fields[b"-2"]) == min(windows), (key, fields)
+    assert int(fields[b"-3"]) == max(windows), (key, fields)
     return windows
 
 
