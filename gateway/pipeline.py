@@ -21,12 +21,17 @@ from gateway.stages.client_ip import ClientIP
 Stage = Callable[[Exchange], Awaitable[None] | None]
 
 _HOST = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=-]+)(:[0-9]{1,5})?$")
+# Valid Host values already seen, as the name routing compares: a service is called by a handful of
+# names, and checking one costs a regex and three string operations a request. Bounded: past it,
+# a new name is checked every time, so hostile Host values cannot grow it.
+_KNOWN_HOSTS_MAX = 256
 
 
 class Pipeline:
     def __init__(self, router: Router, client_ip: ClientIP) -> None:
         self.router = router
         self.client_ip = client_ip
+        self.known_hosts: dict[bytes, str] = {}
 
     def begin(self, ex: Exchange, peer: str) -> Awaitable[None] | None:
         """Check the request; return None when it may go upstream now, or an awaitable to wait on."""
@@ -93,6 +98,9 @@ class Pipeline:
         if ex.host_count > 1:
             raise GatewayError("invalid_host", "the request has more than one Host header", close=True)
         raw = ex.host_raw
+        known = self.known_hosts.get(raw)
+        if known is not None:
+            return known
         if not raw:
             if ex.version == b"1.1":
                 raise GatewayError("invalid_host", "HTTP/1.1 requests must carry a Host header", close=True)
@@ -101,5 +109,9 @@ class Pipeline:
             raise GatewayError("invalid_host", "the Host header is not a valid host[:port]", close=True)
         host = raw.decode("ascii").lower()
         if host.startswith("["):
-            return host[: host.index("]") + 1]
-        return host.rsplit(":", 1)[0] if ":" in host else host
+            host = host[: host.index("]") + 1]
+        elif ":" in host:
+            host = host.rsplit(":", 1)[0]
+        if len(self.known_hosts) < _KNOWN_HOSTS_MAX:
+            self.known_hosts[raw] = host
+        return host

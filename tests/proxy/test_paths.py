@@ -281,9 +281,24 @@ async def test_host_routing(three, gateway, host, tag) -> None:
             route(c, name="any", path="/"),
         ]
     )
-    r = await h.one(get("/x", host=host))
-    assert r.status == 200
-    assert r.body == tag + b" /x"
+    for _ in range(2):  # the second time from the gateway's names already seen
+        r = await h.one(get("/x", host=host))
+        assert r.status == 200
+        assert r.body == tag + b" /x"
+
+
+async def test_host_names_remembered_are_bounded_and_only_valid_ones(three, gateway) -> None:
+    _, b, c = three
+    h = await gateway([route(b, name="wild", path="/", host="*.example.com"), route(c, name="any", path="/")])
+    c1 = await h.client()
+    for i in range(300):
+        await c1.send(get("/x", host=f"h{i}.example.com"))
+        assert (await c1.response()).body == b"B /x"
+    known = h.proxy.pipeline.known_hosts
+    assert len(known) == 256 and b"h299.example.com" not in known
+    assert (await h.one(get("/x", host="h299.example.com"))).body == b"B /x"  # still checked and routed
+    assert_problem(await h.one(get("/x", host="a test")), 400, "invalid_host")
+    assert b"a test" not in known
 
 
 async def test_host_bound_routes_only(up, gateway) -> None:
