@@ -119,13 +119,15 @@ class KeyAuth:
 
     def verify(self, key: bytes, now: float) -> CachedKey | Awaitable[CachedKey | None] | None:
         """Check a raw key as sent; None for a malformed or known-unknown key, else the entry or a lookup."""
-        if self.fmt.env_of(key) is None:
+        if len(key) != self.fmt.length:  # before hashing: a header may hold kilobytes
             return None
         digest = self.peppers.current.digest(key)
         entry = self.cache.fresh(digest, now)
-        if entry is not None:
+        if entry is not None:  # its format was checked when it was cached
             self.metrics.cache("hit")
             return entry
+        if self.fmt.env_of(key) is None:
+            return None
         if self.cache.known_unknown(digest, now):
             self.metrics.cache("negative")
             return None
