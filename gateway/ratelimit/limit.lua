@@ -26,7 +26,7 @@ local function read_all(key, floor_index)
   local list, stale, total = {}, {}, 0
   for j = 1, #raw, 2 do
     local b = tonumber(raw[j])
-    if b ~= nil and b >= 0 then  -- a sub-window, not one of the two summary fields
+    if b ~= nil and b >= 0 then  -- a sub-window, not one of the summary fields
       if b < floor_index then
         stale[#stale + 1] = raw[j]
       else
