@@ -12,6 +12,7 @@ import asyncio
 import tempfile
 import time
 
+from bench.scenarios import PEPPER
 from gateway.config.schema import GatewayConfig
 from gateway.http.exchange import Exchange
 from gateway.proxy import build_routes
@@ -27,7 +28,7 @@ async def measure() -> dict[str, float]:
         config = GatewayConfig.model_validate(
             {
                 "store": f"sqlite:///{tmp}/bench.db",
-                "keys": {"pepper": "bench-pepper"},
+                "keys": {"pepper": PEPPER},
                 "routes": [
                     {"name": "r", "path": "/r", "upstream": "http://127.0.0.1:9", "scopes": {"GET": ["r:read"]}}
                 ],

@@ -196,7 +196,7 @@ def run_scenario(
                         procs, t, mode, path=scen.path, duration=args.duration,
                         headers=gw_headers if t.name == report.OURS else headers,
                         load_cpus=load_cpus, log=logs / f"{rnd}-{mode}-{t.name}.txt", helpers=[upstream.proc, *setup.helpers],
-                        backends=setup.backends if t.name == report.OURS else (),
+                        backends=setup.helpers if t.name == report.OURS else (),
                         script=scripts.get(t.name),
                     )
                     r["round"] = rnd
@@ -235,37 +235,37 @@ def run_scenario(
 def _gc_pauses(admin_port: int) -> dict[str, Any] | None:
     """The gateway's full collections over the whole scenario (warm-ups included), from its /metrics:
     how many, their total, and the bucket bound the longest fell under."""
-    import http.client
-
     from prometheus_client.parser import text_string_to_metric_families
 
-    try:
+    try:  # a side figure: whatever goes wrong here, the scenario's measurements are kept
         status, body = http_get(admin_port, "/metrics", {})
-    except (OSError, http.client.HTTPException) as e:
-        print(f"  (the gateway's /metrics could not be read: {e})", flush=True)
-        return None
-    if status != 200:
-        return None
-    buckets: list[tuple[float, float]] = []
-    out: dict[str, Any] = {}
-    for fam in text_string_to_metric_families(body.decode()):
-        if fam.name != "gateway_gc_pause_seconds":
-            continue
-        for sample in fam.samples:
-            if sample.labels.get("generation") != "2":
+        if status != 200:
+            return None
+        buckets: list[tuple[float, float]] = []
+        out: dict[str, Any] = {}
+        for fam in text_string_to_metric_families(body.decode()):
+            if fam.name != "gateway_gc_pause_seconds":
                 continue
-            if sample.name.endswith("_bucket"):
-                buckets.append((float(sample.labels["le"]), sample.value))
-            elif sample.name.endswith("_count"):
-                out["full_collections"] = int(sample.value)
-            elif sample.name.endswith("_sum"):
-                out["full_seconds"] = sample.value
+            for sample in fam.samples:
+                if sample.labels.get("generation") != "2":
+                    continue
+                if sample.name.endswith("_bucket"):
+                    buckets.append((float(sample.labels["le"]), sample.value))
+                elif sample.name.endswith("_count"):
+                    out["full_collections"] = int(sample.value)
+                elif sample.name.endswith("_sum"):
+                    out["full_seconds"] = sample.value
+    except Exception as e:
+        print(f"  (the gateway's full collections could not be read from /metrics: {e!r})", flush=True)
+        return None
     if not buckets:
         return None
     buckets.sort()
     total = buckets[-1][1]
     longest = next(le for le, n in buckets if n >= total) if total else 0.0
-    out["longest_at_most_s"] = None if longest == float("inf") else longest  # None: over the last bound
+    # None: over the last finite bound, kept beside it for the report
+    out["longest_at_most_s"] = None if longest == float("inf") else longest
+    out["last_bound_s"] = buckets[-2][0] if len(buckets) > 1 else None
     return out
 
 

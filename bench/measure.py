@@ -45,7 +45,11 @@ def measure(
         duration=duration, headers=headers, cpus=load_cpus, log=log, script=script,
     )
     cpu_s, warnings = meter.stop()
-    backend_s = sum(m.stop()[0] for m in backend_meters)
+    backend_s = 0.0
+    for m in backend_meters:
+        spent, also = m.stop()
+        backend_s += spent
+        warnings += also
     background = foreign.stop()
     target.proc.check_alive()
     return {

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from bench.scenarios import KEYED_ROUTE, PEPPER
+from gateway.app import install_uvloop
 from gateway.config.schema import GatewayConfig
 from gateway.http.server import ClientConnection
 from gateway.http.upstream import UpstreamConnection
@@ -90,7 +91,8 @@ def config(tmp: str, keys: bool) -> GatewayConfig:
 class Path:
     """One client connection and one pooled upstream connection, driven by hand."""
 
-    def __init__(self, server: ProxyServer, request: bytes) -> None:
+    def __init__(self, services: Services, server: ProxyServer, request: bytes) -> None:
+        self.services = services
         self.server = server
         self.request = request
         self.client = ClientConnection(server)
@@ -106,6 +108,10 @@ class Path:
         self.client.data_received(self.request)
         self.upstream.data_received(RESPONSE)
 
+    async def close(self) -> None:
+        await self.server.close()
+        await self.services.close()
+
     def check(self) -> None:
         """The request went upstream and its answer came back: the benchmark measures real work."""
         self.one()
@@ -114,7 +120,7 @@ class Path:
             raise RuntimeError(f"the request did not go through: sent {sent[:40]!r}, answered {answer[:200]!r}")
 
 
-async def open_path(tmp: str, keys: bool) -> tuple[Services, ProxyServer, Path]:
+async def open_path(tmp: str, keys: bool) -> Path:
     cfg = config(tmp, keys)
     services = await Services.open(cfg)
     server = ProxyServer(cfg, asyncio.get_running_loop(), services)
@@ -122,7 +128,7 @@ async def open_path(tmp: str, keys: bool) -> tuple[Services, ProxyServer, Path]:
     if keys:
         _, raw = await services.keys.create("bench", scopes=["bench:read"])
         headers += b"X-API-Key: " + raw.encode() + b"\r\n"
-    path = Path(server, b"GET / HTTP/1.1\r\n" + headers + b"\r\n")
+    path = Path(services, server, b"GET / HTTP/1.1\r\n" + headers + b"\r\n")
     path.client.data_received(path.request)  # the first request reads the key from the store
     for _ in range(500):
         if path.upstream_sink.last:
@@ -130,17 +136,15 @@ async def open_path(tmp: str, keys: bool) -> tuple[Services, ProxyServer, Path]:
         await asyncio.sleep(0.01)
     path.upstream.data_received(RESPONSE)
     path.check()
-    return services, server, path
+    return path
 
 
 def run(path: Path, n: int) -> float:
     # The usage writer is not started here (its batches would be another process's work), so its
     # queue is emptied before each run: at its bound, every request would be answered 503 at once,
     # without authentication, limits or the upstream. Checked after each run.
-    services = path.server.services
-    usage = services.usage if services is not None else None
-    if usage is not None:
-        usage.queue.clear()
+    if path.services.usage is not None:
+        path.services.usage.queue.clear()
     one = path.one
     start = time.process_time()
     for _ in range(n):
@@ -159,12 +163,12 @@ async def measure(requests: int, rounds: int, profile: bool, names: list[str]) -
                 import pstats
 
                 prof = cProfile.Profile()
-                prof.runcall(run, opened[names[-1]][2], requests)
+                prof.runcall(run, opened[names[-1]], requests)
                 pstats.Stats(prof).sort_stats("tottime").print_stats(30)
                 return
             results: dict[str, list[float]] = {name: [] for name in opened}
             for _ in range(rounds):
-                for name, (_, _, path) in opened.items():
+                for name, path in opened.items():
                     run(path, requests // 10)  # warm
                     results[name].append(run(path, requests))
                     await asyncio.sleep(0)  # let callbacks queued by the run go
@@ -174,9 +178,8 @@ async def measure(requests: int, rounds: int, profile: bool, names: list[str]) -
                     f"({min(values):.2f}-{max(values):.2f}, {rounds} rounds of {requests:,})"
                 )
         finally:
-            for services, server, _ in opened.values():
-                await server.close()
-                await services.close()
+            for path in opened.values():
+                await path.close()
 
 
 def main() -> None:
@@ -186,12 +189,7 @@ def main() -> None:
     parser.add_argument("--scenario", action="append", choices=["plain", "keys"], help="repeatable; default both")
     parser.add_argument("--profile", action="store_true", help="cProfile the (last) scenario once instead")
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    install_uvloop()
     asyncio.run(measure(args.requests, args.rounds, args.profile, args.scenario or ["plain", "keys"]))
 
 

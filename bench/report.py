@@ -124,7 +124,7 @@ def markdown(doc: dict[str, Any]) -> str:
         gc_run = scen.get("gateway_gc")
         if gc_run and gc_run.get("full_collections"):
             longest = gc_run["longest_at_most_s"]
-            bound = "over 1 s" if longest is None else f"at most {longest * 1000:g} ms"
+            bound = f"over {gc_run['last_bound_s'] * 1000:g} ms" if longest is None else f"at most {longest * 1000:g} ms"
             notes.append(
                 f"{sname}: the gateway made {gc_run['full_collections']} full garbage "
                 f"collection{'' if gc_run['full_collections'] == 1 else 's'} over the scenario "

@@ -47,9 +47,9 @@ class Setup:
     source: Path | None = None  # where the gateway package is imported from
     gateway_headers: dict[str, str] | None = None  # what wrk sends the gateway, when not the anchor's
     gateway_keys: list[str] | None = None  # with Scenario.rotate: the gateway's keys, in turn
-    helpers: list[Proc] = field(default_factory=list)  # started for the run (Redis): not background load
-    # Of the helpers, those that work for the gateway's requests (Redis): their CPU is reported beside it.
-    backends: list[Proc] = field(default_factory=list)
+    # Started for the run to serve the gateway (Redis): not background load, and their CPU is reported
+    # beside the gateway's.
+    helpers: list[Proc] = field(default_factory=list)
 
     @property
     def route(self) -> dict[str, Any]:
@@ -174,7 +174,6 @@ def real_keys_redis(setup: Setup) -> None:
     )
     wait_port(redis, port)
     setup.helpers.append(redis)
-    setup.backends.append(redis)
     real_keys(setup, f"redis://127.0.0.1:{port}/0")
 
 

@@ -20,6 +20,8 @@ import tempfile
 import time
 from collections.abc import Callable
 
+from bench.scenarios import PEPPER
+from gateway.app import install_uvloop
 from gateway.config.schema import GatewayConfig
 from gateway.http.exchange import Exchange
 from gateway.proxy import build_routes
@@ -35,7 +37,7 @@ async def measure() -> dict[str, float]:
         config = GatewayConfig.model_validate(
             {
                 "store": f"sqlite:///{tmp}/bench.db",
-                "keys": {"pepper": "bench-pepper"},
+                "keys": {"pepper": PEPPER},
                 "routes": [{"name": "r", "path": "/r", "upstream": "http://127.0.0.1:9"}],
             }
         )
@@ -138,12 +140,7 @@ def main() -> None:
 
         SQLiteUsage.write_usage = discard  # type: ignore[method-assign,assignment]
     sys.setswitchinterval(0.001)  # as `gateway run` sets it
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    install_uvloop()
     for label, value in asyncio.run(measure()).items():
         unit = "" if "ms" in label or "second" in label else " CPU-µs per request"
         print(f"{label:<28} {value:8.2f}{unit}")
