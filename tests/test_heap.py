@@ -11,15 +11,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
+from gateway.clock import FakeClock
 from gateway.heap import HeapKeeper
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -31,16 +24,16 @@ def clean_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
-def collection(keeper: HeapKeeper, clock: Clock, generation: int, seconds: float) -> None:
+def collection(keeper: HeapKeeper, clock: FakeClock, generation: int, seconds: float) -> None:
     """What the collector reports around one collection that took `seconds`."""
     keeper.on_collection("start", {"generation": generation})
-    clock.now += seconds
+    clock.advance(seconds)
     keeper.on_collection("stop", {"generation": generation, "collected": 0, "uncollectable": 0})
 
 
 def test_only_a_long_full_collection_brings_a_freeze(clean_heap) -> None:
-    clock = Clock()
-    keeper = HeapKeeper(threshold=0.005, clock=clock)
+    clock = FakeClock(1000.0)
+    keeper = HeapKeeper(threshold=0.005, clock=clock.time)
     collection(keeper, clock, 2, 0.004)
     collection(keeper, clock, 1, 0.050)  # a young collection, however long, says nothing of the heap
     keeper.tick()
@@ -53,8 +46,8 @@ def test_only_a_long_full_collection_brings_a_freeze(clean_heap) -> None:
 
 
 def test_pauses_are_counted_per_generation_for_prometheus(clean_heap) -> None:
-    clock = Clock()
-    keeper = HeapKeeper(threshold=0.005, clock=clock)
+    clock = FakeClock(1000.0)
+    keeper = HeapKeeper(threshold=0.005, clock=clock.time)
     registry = CollectorRegistry()
     registry.register(keeper)
     collection(keeper, clock, 0, 0.0002)
@@ -74,15 +67,15 @@ def test_pauses_are_counted_per_generation_for_prometheus(clean_heap) -> None:
 
 
 def test_everything_is_unfrozen_every_reclaim_interval(clean_heap) -> None:
-    clock = Clock()
-    keeper = HeapKeeper(threshold=0.005, reclaim_every=3600, clock=clock)
+    clock = FakeClock(1000.0)
+    keeper = HeapKeeper(threshold=0.005, reclaim_every=3600, clock=clock.time)
     collection(keeper, clock, 2, 0.010)
     assert gc.get_freeze_count() > 0
 
-    clock.now += 3599
+    clock.advance(3599)
     keeper.tick()
     assert gc.get_freeze_count() > 0 and keeper.reclaims == 0
-    clock.now += 1
+    clock.advance(1)
     keeper.tick()
     assert gc.get_freeze_count() == 0 and keeper.reclaims == 1
     keeper.tick()
@@ -91,7 +84,7 @@ def test_everything_is_unfrozen_every_reclaim_interval(clean_heap) -> None:
     # The long full collection that follows freezes again, and the interval starts over.
     collection(keeper, clock, 2, 0.010)
     assert gc.get_freeze_count() > 0 and keeper.freezes == 2
-    clock.now += 3599
+    clock.advance(3599)
     keeper.tick()
     assert keeper.reclaims == 1
 
@@ -107,8 +100,8 @@ def test_stranded_cycle_is_collected_after_the_reclaim(clean_heap) -> None:
 
     a, b = Node(), Node()
     a.other, b.other = b, a  # type: ignore[attr-defined]
-    clock = Clock()
-    keeper = HeapKeeper(reclaim_every=3600, clock=clock)
+    clock = FakeClock(1000.0)
+    keeper = HeapKeeper(reclaim_every=3600, clock=clock.time)
     collection(keeper, clock, 2, 0.010)
     del a, b
     gc.collect()
@@ -116,7 +109,7 @@ def test_stranded_cycle_is_collected_after_the_reclaim(clean_heap) -> None:
     gc.unfreeze()  # only to count them: frozen objects are not listed
     assert nodes() == 2, "a frozen cycle was collected"
     gc.freeze()
-    clock.now += 3600
+    clock.advance(3600)
     keeper.tick()
     gc.collect()
     assert nodes() == 0
@@ -139,14 +132,14 @@ async def test_started_keeper_freezes_as_a_real_long_collection_ends(clean_heap)
 
 
 async def test_ticks_run_until_stopped_even_when_started_twice(clean_heap) -> None:
-    clock = Clock()
-    keeper = HeapKeeper(reclaim_every=1.0, clock=clock)
+    clock = FakeClock(1000.0)
+    keeper = HeapKeeper(reclaim_every=1.0, clock=clock.time)
     loop = asyncio.get_running_loop()
     keeper.start(loop, every=0.001)
     keeper.start(loop, every=0.001)  # one chain of ticks, not two
     try:
         for _ in range(3):
-            clock.now += 1.0
+            clock.advance(1.0)
             before = keeper.reclaims
             for _ in range(500):
                 await asyncio.sleep(0.002)
@@ -155,6 +148,6 @@ async def test_ticks_run_until_stopped_even_when_started_twice(clean_heap) -> No
             assert keeper.reclaims == before + 1, "each second of the clock, one reclaim from the ticks"
     finally:
         keeper.stop()
-    clock.now += 10.0
+    clock.advance(10.0)
     await asyncio.sleep(0.05)
     assert keeper.reclaims == 3, "ticks went on after stop()"

@@ -25,20 +25,30 @@ def alive(cls: type) -> int:
     return sum(1 for o in gc.get_objects() if isinstance(o, cls))
 
 
+def connections() -> tuple[int, int]:
+    """Client and upstream connections that exist."""
+    return alive(ClientConnection), alive(UpstreamConnection)
+
+
 @pytest.fixture
-def no_collector() -> Iterator[None]:
+def no_collector() -> Iterator[tuple[int, int]]:
+    """The collector switched off; yields the connections that exist before the test's own."""
     gc.collect()
     gc.disable()
     try:
-        yield
+        yield connections()
     finally:
         gc.enable()
+
+
+async def freed(before: tuple[int, int], what: str) -> None:
+    await wait_for(lambda: connections() == before, 3, 0.01, what)
 
 
 async def test_closed_client_and_upstream_connections_are_freed_without_the_collector(
     up, gateway, no_collector
 ) -> None:
-    before = alive(ClientConnection), alive(UpstreamConnection)
+    before = no_collector
     h = await gateway([route(up)])
     clients = []
     for i in range(4):
@@ -74,7 +84,6 @@ async def test_closed_client_and_upstream_connections_are_freed_without_the_coll
 async def test_connections_ended_by_the_gateway_are_freed_without_the_collector(
     up, gateway, no_collector, request_bytes: bytes, status: int
 ) -> None:
-    before = alive(ClientConnection), alive(UpstreamConnection)
     h = await gateway([route(up)])
     c = await h.client()
     await c.send(request_bytes)
@@ -82,18 +91,13 @@ async def test_connections_ended_by_the_gateway_are_freed_without_the_collector(
     assert await c.closed()
     await wait_for(lambda: not h.proxy.connections, 3, 0.01, "the gateway's side closed")
     h.proxy.pool.close_all()
-    await wait_for(
-        lambda: (alive(ClientConnection), alive(UpstreamConnection)) == before, 3, 0.01, "both sides freed"
-    )
+    await freed(no_collector, "both sides freed")
 
 
 async def test_connection_to_a_refused_upstream_is_freed_without_the_collector(gateway, no_collector) -> None:
-    before = alive(ClientConnection), alive(UpstreamConnection)
     h = await gateway([route(f"http://127.0.0.1:{free_port()}")])
     c = await h.client()
     await c.send(get("/x"))
     assert (await c.response()).status == 502
     c.close()
-    await wait_for(
-        lambda: (alive(ClientConnection), alive(UpstreamConnection)) == before, 3, 0.01, "the connection freed"
-    )
+    await freed(no_collector, "the connection freed")

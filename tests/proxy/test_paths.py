@@ -285,6 +285,7 @@ async def test_host_routing(three, gateway, host, tag) -> None:
         r = await h.one(get("/x", host=host))
         assert r.status == 200
         assert r.body == tag + b" /x"
+        assert host.encode() in h.proxy.pipeline.known_hosts
 
 
 async def test_host_names_remembered_are_bounded_and_only_valid_ones(three, gateway) -> None:

@@ -84,6 +84,7 @@ async def test_a_reset_upstream_cuts_the_client_off(gateway: Any, upstreams: lis
     """A broken upstream must not look like a complete stream: the client's connection is dropped at
     once, with what the gateway still held for it (a reset or an early end, as the kernel has it)."""
     conn, reader, writer = await _tunnel(gateway, upstreams, abort=True)
+    assert conn.transport.get_write_buffer_size() == 0  # what it held for the client is dropped, not sent
     got = bytearray()
     try:
         while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
@@ -98,8 +99,11 @@ async def test_a_reset_upstream_cuts_the_client_off(gateway: Any, upstreams: lis
 
 async def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(gateway: Any, upstreams: list[ScriptedUpstream]) -> None:
     conn, _, writer = await _tunnel(gateway, upstreams, abort=False, idle_timeout="1s")
+    loop = asyncio.get_running_loop()
+    ended = loop.time()
     try:
         assert not conn.closed
         await wait_for(lambda: conn.closed, 5, 0.05, "the stalled client being dropped")
+        assert loop.time() - ended >= 0.5, "dropped before its idle timeout"
     finally:
         writer.close()

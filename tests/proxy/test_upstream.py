@@ -150,7 +150,7 @@ async def test_fresh_upstream_connection_closed_before_the_first_write_is_502_at
         return conn
 
     pool.connect = connect_then_hang_up
-    assert_problem(await h.one(get("/"), timeout=2.0), 502, "upstream_unavailable")
+    assert_problem(await h.one(get("/"), timeout=10.0), 502, "upstream_unavailable")  # not the 30 s read timeout
     pool.connect = real_connect
     r = await h.one(get("/"))
     assert r.status == 200
