@@ -20,6 +20,7 @@ from gateway.fleet_metrics import write_snapshot
 from gateway.heap import HeapKeeper, settle
 from gateway.keys.peppers import PepperMissing
 from gateway.proxy import ProxyServer
+from gateway.ratelimit.shared import WorkerLink
 from gateway.services import Services
 from gateway.store import StoreUnavailable
 
@@ -50,12 +51,13 @@ class Gateway:
         self.ready_fd: int | None = None  # a worker writes a byte here once its listener is up
         self.metrics_dir: Path | None = None  # a worker's metrics go here for the supervisor to sum
         self.metrics_registry: CollectorRegistry | None = None  # what the admin /metrics serves
+        self.limiter_link: WorkerLink | None = None  # a worker's way to its supervisor's memory limiter
         self._snapshots: asyncio.Task[None] | None = None
         self.heap = HeapKeeper()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.services = await open_services(self.config)
+        self.services = await open_services(self.config, self.limiter_link)
         self.services.start_background()
         self.proxy = ProxyServer(self.config, loop, self.services)
         try:
@@ -142,9 +144,9 @@ class StartupError(Exception):
     """The gateway cannot start: the message says why, for the operator."""
 
 
-async def open_services(config: GatewayConfig) -> Services:
+async def open_services(config: GatewayConfig, link: WorkerLink | None = None) -> Services:
     try:
-        return await Services.open(config)
+        return await Services.open(config, link=link)
     except PepperMissing as e:
         raise StartupError(str(e)) from None
     except StoreUnavailable as e:

@@ -23,6 +23,7 @@ from gateway.metrics import Metrics
 from gateway.ratelimit.base import Limiter
 from gateway.ratelimit.failover import FailoverLimiter
 from gateway.ratelimit.memory import MemoryLimiter
+from gateway.ratelimit.shared import SharedLimiter, WorkerLink
 from gateway.stages.auth import KeyAuth
 from gateway.stages.throttle import AuthThrottle
 from gateway.store import KeyStore, StoreUnavailable, open_store
@@ -36,11 +37,16 @@ log = logging.getLogger("gateway")
 TOUCH_CHUNK = 500  # keys per last-used write
 
 
-def build_limiter(config: GatewayConfig, clock: Clock, metrics: Metrics) -> Limiter:
-    """memory:// (embedded) or redis:// behind the configured failure policy."""
+def build_limiter(config: GatewayConfig, clock: Clock, metrics: Metrics, link: WorkerLink | None = None) -> Limiter:
+    """memory:// (embedded; a worker's is its supervisor's, through `link`) or redis://, each shared
+    one behind the configured failure policy."""
     rl = config.ratelimit
     if rl.backend.startswith("memory"):
-        return MemoryLimiter(clock)
+        if link is None:
+            return MemoryLimiter(clock)
+        return FailoverLimiter(
+            SharedLimiter(link.sock, rl.timeout), rl.on_backend_error, link.workers, clock, metrics.ratelimit_degraded
+        )
     from gateway.ratelimit.redis import RedisLimiter
 
     return FailoverLimiter(
@@ -57,7 +63,9 @@ def spool_dir(config: GatewayConfig) -> Path:
 
 
 class Services:
-    def __init__(self, config: GatewayConfig, store: KeyStore, clock: Clock, metrics: Metrics) -> None:
+    def __init__(
+        self, config: GatewayConfig, store: KeyStore, clock: Clock, metrics: Metrics, link: WorkerLink | None = None
+    ) -> None:
         keys = config.keys
         self.config = config
         self.store = store
@@ -85,7 +93,7 @@ class Services:
             keys.warn_before,
         )
         self.keys = KeyService(store, self.peppers, keys.prefix, clock, keys.default_ttl, self.cache)
-        self.limiter = build_limiter(config, clock, metrics)
+        self.limiter = build_limiter(config, clock, metrics, link)
         self.throttle = AuthThrottle(config.auth, clock)
         self.request_metrics = RequestMetrics(config.metrics.per_key_top)
         metrics.registry.register(self.request_metrics)
@@ -115,11 +123,15 @@ class Services:
 
     @classmethod
     async def open(
-        cls, config: GatewayConfig, clock: Clock | None = None, metrics: Metrics | None = None
+        cls,
+        config: GatewayConfig,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        link: WorkerLink | None = None,
     ) -> Services:
         """Open the store (migrating it) and everything built on it."""
         store = open_store(config.store)
-        services = cls(config, store, clock or Clock(), metrics or Metrics())
+        services = cls(config, store, clock or Clock(), metrics or Metrics(), link)
         await store.open()
         return services
 

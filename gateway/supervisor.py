@@ -20,6 +20,8 @@ from gateway.app import Gateway, StartupError, open_services, shown_address
 from gateway.config.schema import GatewayConfig
 from gateway.fleet_metrics import FleetCollector
 from gateway.keys.peppers import PepperMissing, load_peppers
+from gateway.ratelimit.memory import MemoryLimiter
+from gateway.ratelimit.shared import LimiterHost, WorkerLink
 
 log = logging.getLogger("gateway")
 
@@ -43,7 +45,9 @@ def supervise(config: GatewayConfig, workers: int) -> int:
     children: list[int] = []
     metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
     ready_r, ready_w = os.pipe()
-    for _ in range(workers):
+    # memory://: the counters live here, and each worker asks over a socket pair of its own (shared.py).
+    pairs = [socket.socketpair() for _ in range(workers)] if config.ratelimit.backend.startswith("memory") else []
+    for i in range(workers):
         pid = os.fork()
         if pid == 0:
             probe.close()
@@ -54,6 +58,12 @@ def supervise(config: GatewayConfig, workers: int) -> int:
             worker = Gateway(config, admin=False)
             worker.ready_fd = ready_w
             worker.metrics_dir = metrics_dir
+            for j, (host_end, worker_end) in enumerate(pairs):
+                host_end.close()
+                if j == i:
+                    worker.limiter_link = WorkerLink(worker_end, workers)
+                else:
+                    worker_end.close()
             code = 1
             try:  # never return into the supervisor's code: a worker ends here, whatever happens
                 code = asyncio.run(worker.serve())
@@ -69,8 +79,10 @@ def supervise(config: GatewayConfig, workers: int) -> int:
         children.append(pid)
     probe.close()
     os.close(ready_w)
+    for _, worker_end in pairs:
+        worker_end.close()
     try:
-        return asyncio.run(_supervisor_loop(config, children, ready_r, metrics_dir))
+        return asyncio.run(_supervisor_loop(config, children, ready_r, metrics_dir, [h for h, _ in pairs]))
     except BaseException:
         _stop_workers(children, config.shutdown_timeout + config.shutdown_delay + 5)
         raise
@@ -124,9 +136,14 @@ async def _workers_listening(fd: int, workers: int) -> bool:
         os.close(fd)
 
 
-async def _supervisor_loop(config: GatewayConfig, children: list[int], ready_fd: int, metrics_dir: Path) -> int:
+async def _supervisor_loop(
+    config: GatewayConfig, children: list[int], ready_fd: int, metrics_dir: Path, limiter_ends: list[socket.socket]
+) -> int:
     gw = Gateway(config)
     gw.services = await open_services(config)
+    host = LimiterHost(MemoryLimiter(gw.services.clock))
+    for sock in limiter_ends:
+        await host.serve(sock)
     gw.metrics_registry = CollectorRegistry(auto_describe=False)
     gw.metrics_registry.register(FleetCollector(metrics_dir, live=gw.services.metrics.registry))
     stopping = asyncio.Event()
@@ -168,6 +185,7 @@ async def _supervisor_loop(config: GatewayConfig, children: list[int], ready_fd:
     except TimeoutError:
         for pid in alive:
             os.kill(pid, signal.SIGKILL)
+    host.close()
     if gw.admin_runner is not None:
         await gw.admin_runner.cleanup()
     if gw.services is not None:

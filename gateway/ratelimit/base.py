@@ -35,6 +35,11 @@ class Counters:
         return len(self.keys)
 
 
+# Seconds past a backend call's deadline that show this event loop itself was held up (busy elsewhere,
+# or starved of CPU) while the answer may have come in time: that call gets one more timeout.
+LATE = 0.005
+
+
 class LimiterUnavailable(Exception):
     """The backend failed or was too slow; the failure policy decides what happens."""
 

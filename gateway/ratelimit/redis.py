@@ -16,12 +16,11 @@ from importlib.resources import files
 
 import hiredis
 
-from gateway.ratelimit.base import Counters, Limiter, LimiterUnavailable
+from gateway.ratelimit.base import LATE, Counters, Limiter, LimiterUnavailable
 from gateway.ratelimit.policy import BUCKETS, Decision, Outcome
 from gateway.ratelimit.resp import RespConnection, Waiter, bulk, command, connect, endpoint
 
 SCRIPT = (files("gateway.ratelimit") / "limit.lua").read_text()
-LATE = 0.005  # seconds past a call's deadline that show the event loop itself was held up
 log = logging.getLogger("gateway.ratelimit")
 
 # One queued hit: counters, cost, the caller's future, and whether it was sent once already.

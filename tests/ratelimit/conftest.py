@@ -23,6 +23,7 @@ from gateway.ratelimit.base import Counters, Limiter
 from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.policy import Decision, Limit
 from gateway.ratelimit.redis import RedisLimiter
+from gateway.ratelimit.shared import LimiterHost, SharedLimiter
 
 
 class MsClock(FakeClock):
@@ -67,6 +68,33 @@ class MemoryBackend(Backend):
         return d
 
 
+class SharedBackend(Backend):
+    """A worker's limiter under `--workers N` (memory://): a MemoryLimiter in a "supervisor" at the
+    other end of a real socket pair, here in the same event loop."""
+
+    name = "shared"
+    limiter: SharedLimiter
+
+    def __init__(self, clock: MsClock, timeout: float = 5.0, max_counters: int = 1_000_000) -> None:
+        host_end, worker_end = socket.socketpair()
+        self.host_sock = host_end
+        self.host = LimiterHost(MemoryLimiter(clock, max_counters=max_counters))
+        super().__init__(clock, SharedLimiter(worker_end, timeout))
+
+    async def start(self) -> SharedBackend:
+        await self.host.serve(self.host_sock)
+        return self
+
+    async def hit(self, counters: Counters, cost: int = 1) -> Decision:
+        d = await self.limiter.hit(counters, cost)
+        assert isinstance(d, Decision)
+        return d
+
+    async def close(self) -> None:
+        await self.limiter.close()
+        self.host.close()
+
+
 class RedisBackend(Backend):
     name = "redis"
     limiter: RedisLimiter
@@ -103,13 +131,16 @@ def clock() -> MsClock:
 async def make_backend(kind: str, clock: MsClock, request: pytest.FixtureRequest) -> Backend:
     if kind == "memory":
         return MemoryBackend(clock)
+    if kind == "shared":
+        return await SharedBackend(clock).start()
     url: str = request.getfixturevalue("redis_url")
     return RedisBackend(clock, url)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "shared", "redis"])
 async def backend(request: pytest.FixtureRequest, clock: MsClock) -> AsyncIterator[Backend]:
-    """Each backend in turn; every test uses counter keys under an owner of its own."""
+    """Each backend in turn (`shared`: memory:// as a worker of `--workers N` reaches it); every test
+    uses counter keys under an owner of its own."""
     b = await make_backend(str(request.param), clock, request)
     try:
         yield b

@@ -1,4 +1,5 @@
-"""The limiter contract, run on both backends (memory, and Redis with the script told the fake time).
+"""The limiter contract, run on every backend: memory, memory as `--workers N` reaches it (shared),
+and Redis with the script told the fake time.
 
 Exactness, atomicity across several limits, the sliding window (no 2x burst at a window's edge),
 Retry-After that is never early, sane reset times, and the same decisions from both backends.

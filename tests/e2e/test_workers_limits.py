@@ -1,0 +1,55 @@
+"""`gateway run --workers 2` with the embedded memory:// limiter: a key's limits hold across workers.
+
+Each worker used to count on its own, and the kernel spreads a client's connections over the workers,
+so a key limited to 5 a minute got up to 10. The supervisor now holds the counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from tests.e2e.support import Launcher, children, socket_owners
+from tests.e2e.test_lifecycle import gateway_cli
+
+TIMEOUT = aiohttp.ClientTimeout(total=20)
+
+
+async def test_a_key_limit_is_exact_across_workers(launch: Launcher) -> None:
+    up = launch.server()
+    gw = await asyncio.to_thread(
+        launch.gateway,
+        [
+            {"name": "api", "path": "/api", "upstream": up.url, "auth": "required", "ratelimit": ["5/minute"]},
+            {"name": "open", "path": "/open", "upstream": up.url, "auth": "none"},
+        ],
+        workers=2,
+    )
+    workers = children(gw.pid)
+    assert len(workers) == 2
+    made = await asyncio.to_thread(gateway_cli, "keys", "create", "-c", str(gw.config_path), "--owner", "o", "--json")
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["key"]
+
+    async def one(path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        # a connection of its own each time: the kernel spreads new connections over the workers
+        conn = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(timeout=TIMEOUT, connector=conn) as s, s.get(gw.url + path, headers=headers) as r:
+            return r.status, dict(r.headers), await r.read()
+
+    # Both workers take connections (their upstream connections show it)...
+    opened = await asyncio.gather(*(one(f"/open/{i}", {}) for i in range(24)))
+    ports = {json.loads(body)["peer_port"] for status, _, body in opened if status == 200}
+    assert set(socket_owners(workers, ports).values()) == set(workers)
+    # ...and the key's 24 requests over as many connections are admitted 5 times in all.
+    results = await asyncio.gather(*(one(f"/api/{i}", {"X-API-Key": key}) for i in range(24)))
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses == [200] * 5 + [429] * 19, statuses
+    for status, headers, body in results:
+        assert headers["RateLimit-Policy"] == '"minute";q=5;w=60'
+        if status == 429:
+            assert json.loads(body)["code"] == "rate_limited"
+            assert int(headers["Retry-After"]) >= 1
+            assert headers["RateLimit"].startswith('"minute";r=0;')

@@ -1,0 +1,143 @@
+"""memory:// under `--workers N`: the workers' hits decided by one MemoryLimiter in the supervisor.
+
+The contract suite runs on this backend too (`shared` in conftest). Here: what only it has — one
+frame per tick, the same decisions as the memory limiter to the last field, a supervisor that is
+slow or gone (the failure policy, never a hang), an answer that comes after its timeout, and the
+supervisor's bounded memory of decoded counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from gateway.metrics import Metrics
+from gateway.ratelimit import shared
+from gateway.ratelimit.base import LimiterUnavailable
+from gateway.ratelimit.failover import FailoverLimiter
+from gateway.ratelimit.policy import Decision, Limit
+
+from .conftest import MemoryBackend, MsClock, SharedBackend, counters, unique_owner
+
+
+def lim(count: int, period: int, name: str) -> Limit:
+    return Limit(name, count, period)
+
+
+async def test_one_ticks_hits_travel_in_one_frame_and_stay_exact() -> None:
+    b = await SharedBackend(MsClock()).start()
+    try:
+        c = counters(unique_owner(), lim(30, 60, "minute"))
+        decisions = await asyncio.gather(*(b.limiter.hit(c) for _ in range(50)))
+        assert b.limiter.frames == 1
+        assert [d.allowed for d in decisions] == [True] * 30 + [False] * 20
+        assert [d.outcomes[0].remaining for d in decisions[:30]] == list(range(29, -1, -1))
+        await b.hit(c)
+        assert b.limiter.frames == 2
+    finally:
+        await b.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_shared_and_memory_decide_identically(seed: int) -> None:
+    """Every field of every decision, over random costs, keys, limits and clock moves (back ones too)."""
+    rng = random.Random(seed)
+    mem = MemoryBackend(MsClock())
+    sh = await SharedBackend(MsClock()).start()
+    try:
+        owner = unique_owner()
+        plans = [
+            counters(owner, lim(5, 1, "second"), lim(40, 60, "minute"), key="a"),
+            counters(owner, lim(3, 60, "minute"), key="b"),
+            counters(owner, lim(10, 1, "second"), lim(12, 60, "minute"), lim(100, 3600, "hour"), key="c"),
+        ]
+        t = 1_700_000_000_000
+        for step in range(600):
+            t += rng.choice([0, 0, 1, 7, 50, 400, 1300, -30])
+            mem.clock.set_ms(t)
+            sh.clock.set_ms(t)
+            c, cost = rng.choice(plans), rng.choice([1, 1, 1, 2, 5])
+            want, got = await mem.hit(c, cost), await sh.hit(c, cost)
+            assert got == want, f"step {step}"
+    finally:
+        await mem.close()
+        await sh.close()
+
+
+async def test_a_silent_supervisor_fails_over_within_the_timeout() -> None:
+    b = SharedBackend(MsClock(), timeout=0.05)  # never started: nothing reads the supervisor's end
+    try:
+        c = counters(unique_owner(), lim(4, 60, "minute"))
+        started = time.monotonic()
+        with pytest.raises(LimiterUnavailable, match="timeout"):
+            await b.limiter.hit(c)
+        assert 0.04 <= time.monotonic() - started < 2.0
+        # as a worker has it: behind the failure policy, its share of the limit (4 / 2 workers)
+        failover = FailoverLimiter(b.limiter, "local", 2, b.clock, Metrics().ratelimit_degraded)
+        results = []
+        for _ in range(4):
+            d = failover.hit(c)
+            results.append(d if isinstance(d, Decision) else await d)
+        assert [d.allowed for d in results] == [True, True, False, False]
+        assert results[0].outcomes[0].limit.count == 2
+    finally:
+        await b.close()
+
+
+async def test_an_answer_after_its_timeout_is_dropped_and_the_next_is_right() -> None:
+    b = await SharedBackend(MsClock(), timeout=0.05).start()
+    try:
+        c = counters(unique_owner(), lim(10, 60, "minute"))
+        assert (await b.hit(c)).outcomes[0].remaining == 9
+        [host_end] = b.host._ends
+        assert host_end.transport is not None
+        host_end.transport.pause_reading()  # a supervisor that is busy elsewhere
+        with pytest.raises(LimiterUnavailable, match="timeout"):
+            await b.hit(c)
+        late = b.limiter.hit(c)  # queued behind the first, sent now
+        await asyncio.sleep(0)
+        host_end.transport.resume_reading()
+        d = await late
+        # the supervisor decided all three; the worker used the second answer for nothing
+        assert d.allowed and d.outcomes[0].remaining == 7
+    finally:
+        await b.close()
+
+
+async def test_a_supervisor_gone_fails_pending_and_new_hits_at_once() -> None:
+    b = await SharedBackend(MsClock(), timeout=30.0).start()
+    try:
+        c = counters(unique_owner(), lim(10, 60, "minute"))
+        await b.hit(c)
+        [host_end] = b.host._ends
+        assert host_end.transport is not None
+        host_end.transport.pause_reading()
+        pending = b.limiter.hit(c)
+        await asyncio.sleep(0.01)
+        b.host.close()
+        started = time.monotonic()
+        with pytest.raises(LimiterUnavailable, match="not reachable"):
+            await pending
+        with pytest.raises(LimiterUnavailable, match="not reachable"):
+            await b.limiter.hit(c)
+        assert time.monotonic() - started < 1.0  # not the 30 s timeout
+    finally:
+        await b.close()
+
+
+async def test_the_supervisor_keeps_a_bounded_number_of_decoded_counters(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shared, "MAX_DECODED", 20)
+    b = await SharedBackend(MsClock()).start()
+    try:
+        owner = unique_owner()
+        for round_ in range(3):
+            for i in range(50):
+                d = await b.hit(counters(owner, lim(3, 60, "minute"), key=f"k{i}"))
+                assert d.allowed and d.outcomes[0].remaining == 2 - round_
+                assert len(b.host._counters) <= 20
+        assert not (await b.hit(counters(owner, lim(3, 60, "minute"), key="k0"))).allowed
+    finally:
+        await b.close()
