@@ -20,7 +20,7 @@ from gateway.stages.client_ip import ClientIP
 
 Stage = Callable[[Exchange], Awaitable[None] | None]
 
-_HOST = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=-]+)(:[0-9]{1,5})?$")
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=-]+)(:[0-9]{1,5})?")
 # Valid Host values already seen, as the name routing compares: a service is called by a handful of
 # names, and checking one costs a regex and three string operations a request. Bounded: past it,
 # a new name is checked every time, so hostile Host values cannot grow it.
@@ -105,7 +105,7 @@ class Pipeline:
             if ex.version == b"1.1":
                 raise GatewayError("invalid_host", "HTTP/1.1 requests must carry a Host header", close=True)
             return ""
-        if not _HOST.match(raw):
+        if not _HOST.fullmatch(raw):
             raise GatewayError("invalid_host", "the Host header is not a valid host[:port]", close=True)
         host = raw.decode("ascii").lower()
         if host.startswith("["):

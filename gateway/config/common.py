@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict
 
 from gateway.config.units import parse_rate
 
-SCOPE = re.compile(r"^(\*|[a-z0-9][a-z0-9_.-]*(:([a-z0-9][a-z0-9_.-]*|\*))*)$")
+# Matched whole (fullmatch): with `$`, a value ending in a newline would pass and reach a header upstream.
+SCOPE = re.compile(r"\*|[a-z0-9][a-z0-9_.-]*(:([a-z0-9][a-z0-9_.-]*|\*))*")
 
 
 class Strict(BaseModel):

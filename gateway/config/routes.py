@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from gateway.config.common import SCOPE, Strict, check_rates
 from gateway.config.units import Duration, Size
 
-_METHOD = re.compile(r"^[A-Z]+$")
+_METHOD = re.compile(r"[A-Z]+")
 
 
 class Timeouts(Strict):
@@ -84,7 +84,7 @@ class RouteConfig(Strict):
         if not v:
             raise ValueError("must name at least one method (or be left out for all)")
         for m in v:
-            if not _METHOD.match(m):
+            if not _METHOD.fullmatch(m):
                 raise ValueError(f"{m!r} is not an uppercase HTTP method")
         return v
 
@@ -121,11 +121,11 @@ class RouteConfig(Strict):
         lists = v.values() if isinstance(v, dict) else [v]
         if isinstance(v, dict):
             for m in v:
-                if not _METHOD.match(m):
+                if not _METHOD.fullmatch(m):
                     raise ValueError(f"{m!r} is not an uppercase HTTP method")
         for scopes in lists:
             for s in scopes:
-                if not SCOPE.match(s):
+                if not SCOPE.fullmatch(s):
                     raise ValueError(f"{s!r} is not a scope (like orders:read, orders:* or *)")
         return v
 

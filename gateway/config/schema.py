@@ -16,7 +16,7 @@ from gateway.config.common import Strict, check_rates
 from gateway.config.routes import RouteConfig
 from gateway.config.units import Duration, HostPort, Network, Size
 
-_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 
 
 class TLSListener(Strict):
@@ -90,7 +90,7 @@ class KeysConfig(Strict):
     @classmethod
     def _headers(cls, v: list[str]) -> list[str]:
         for h in v:
-            if not _HEADER_NAME.match(h):
+            if not _HEADER_NAME.fullmatch(h):
                 raise ValueError(f"{h!r} is not a header name")
         return [h.lower() for h in v]
 

@@ -9,8 +9,9 @@ from gateway.config.common import SCOPE, check_rates
 from gateway.config.units import parse_duration, parse_network
 from gateway.keys.format import ENVS
 
-_OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:+-]{0,127}$")
-_KEY_ID = re.compile(r"^key_[0-9A-Za-z]{20}$")
+# Matched whole (fullmatch): `$` also matches before a final newline, which would reach a header upstream.
+_OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:+-]{0,127}")
+_KEY_ID = re.compile(r"key_[0-9A-Za-z]{20}")
 
 
 class InvalidInput(ValueError):
@@ -33,7 +34,7 @@ class Conflict(ValueError):
 
 
 def check_owner(owner: str) -> str:
-    if not isinstance(owner, str) or not _OWNER.match(owner):
+    if not isinstance(owner, str) or not _OWNER.fullmatch(owner):
         raise InvalidInput("owner", "1-128 characters: letters, digits and _ . @ : + -, starting with a letter or digit")
     return owner
 
@@ -54,7 +55,7 @@ def check_scopes(scopes: list[str]) -> tuple[str, ...]:
     if not isinstance(scopes, list):
         raise InvalidInput("scopes", "must be a list")
     for s in scopes:
-        if not isinstance(s, str) or not SCOPE.match(s):
+        if not isinstance(s, str) or not SCOPE.fullmatch(s):
             raise InvalidInput("scopes", f"{s!r} is not a scope (like orders:read, orders:* or *)")
     return tuple(dict.fromkeys(scopes))
 
@@ -92,7 +93,7 @@ def check_duration(field: str, value: str) -> float:
 
 
 def check_key_id(key_id: str) -> str:
-    if not isinstance(key_id, str) or not _KEY_ID.match(key_id):
+    if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
         raise KeyNotFound(str(key_id)[:64])
     return key_id
 

@@ -19,7 +19,7 @@ class IdentityStage:
             return
         r = p.record
         extra = ex.upstream_extra
-        extra.append((b"x-consumer-id", r.owner.encode()))
+        extra.append((b"x-consumer-id", p.owner_header))
         extra.append((b"x-credential-identifier", r.id.encode()))
         extra.append((b"x-consumer-scopes", p.scopes_header))
         extra.append((b"x-consumer-env", r.env.encode()))

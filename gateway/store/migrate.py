@@ -15,7 +15,7 @@ from importlib import resources
 
 DIALECTS = ("sqlite", "postgres")
 
-_NAME = re.compile(r"^(\d{4}_[a-z0-9_]+)\.sql$")
+_NAME = re.compile(r"(\d{4}_[a-z0-9_]+)\.sql")
 
 # The api_keys columns in KeyRecord field order; the migrations define them.
 KEY_COLUMNS = (
@@ -60,7 +60,7 @@ def list_migrations(dialect: str) -> list[Migration]:
     folder = resources.files("gateway.store").joinpath("migrations").joinpath(dialect)
     found: list[Migration] = []
     for entry in folder.iterdir():
-        match = _NAME.match(entry.name)
+        match = _NAME.fullmatch(entry.name)
         if match is None or not entry.is_file():
             continue
         found.append(Migration(match.group(1), entry.read_text(encoding="utf-8")))

@@ -89,6 +89,12 @@ CASES: dict[str, list[str]] = {
         "union_members.yaml:6: routes.0.scopes.GET: expected a list",
         "union_members.yaml:7: routes.0.scopes.POST.1: expected a string",
     ],
+    # each value ends in a line break, which a `^...$` match let through (and on to a header upstream)
+    "line_breaks.yaml": [
+        "line_breaks.yaml:2: keys.headers: 'X-API-Key\\n' is not a header name",
+        "line_breaks.yaml:7: routes.0.methods: 'GET\\n' is not an uppercase HTTP method",
+        "line_breaks.yaml:8: routes.0.scopes: 'orders:read\\n' is not a scope (like orders:read, orders:* or *)",
+    ],
     "bad_scope.yaml": [
         "bad_scope.yaml:5: routes.0.scopes: 'Orders:Write' is not a scope (like orders:read, orders:* or *)",
     ],

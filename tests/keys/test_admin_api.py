@@ -147,6 +147,8 @@ async def test_key_endpoints(gw: RunningGateway, admin: aiohttp.ClientSession) -
 
 
 BAD_BODIES: list[Any] = [
+    {"owner": "eve\n"},
+    {"owner": "o", "scopes": ["orders:read\n"]},
     {"owner": "o", "allow_ips": ["10.0.0.0/33"]},
     {"owner": "o", "allow_ips": ["not-an-ip"]},
     {"owner": "o", "allow_ips": [7]},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -59,6 +60,22 @@ async def test_forged_identity_headers_are_removed_on_every_route(gw: RunningGat
         assert req.header("authorization") is None and req.header("x-api-key") is None
         assert b"forged" not in b"".join(v for _, v in req.headers)
     assert key.encode() not in bytes(up.received)
+
+
+async def test_a_stored_owner_or_scope_with_a_line_break_never_breaks_the_upstream_head(
+    gw: RunningGateway, up: RecordingUpstream
+) -> None:
+    """Input checks refuse them now; a row written before (or by hand) must still not inject a header."""
+    rec, key = await new_key(gw, "eve", scopes=["orders:read"])
+    bad = replace(rec, owner="eve\r\nx-injected: 1", scopes=("orders:read\n", "*\x01"))
+    await gw.services.store.update_key(bad, None)
+    gw.services.cache.invalidate(rec.id)
+    r = await call(gw, "GET", "/any/x", bearer(key))
+    assert r.status == 200, r.body
+    req = up.requests[-1]
+    assert req.header("x-injected") is None
+    assert identity_headers(req.headers)[:1] == [(b"x-consumer-id", b"eve%0D%0Ax-injected: 1")]
+    assert req.header("x-consumer-scopes") == "orders:read%0A *%01"
 
 
 async def test_identity_headers_cannot_be_smuggled_with_underscores_allowed(

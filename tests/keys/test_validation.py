@@ -30,6 +30,10 @@ BAD_CREATE: list[tuple[dict[str, Any], str]] = [
     ({"scopes": ["or*ders"]}, "scopes"),
     ({"scopes": [""]}, "scopes"),
     ({"scopes": "orders:read"}, "scopes"),
+    # `$` matches before a final newline: these passed a `^...$` match and reached a header upstream
+    ({"scopes": ["orders:read\n"]}, "scopes"),
+    ({"scopes": ["orders:read\r\n"]}, "scopes"),
+    ({"scopes": ["*\n"]}, "scopes"),
     ({"ttl": "10x"}, "ttl"),
     ({"ttl": "0s"}, "ttl"),
     ({"ttl": "-1d"}, "ttl"),
@@ -45,7 +49,7 @@ BAD_CREATE: list[tuple[dict[str, Any], str]] = [
     ({"name": "x" * 129}, "name"),
     ({"name": "line\nbreak"}, "name"),
 ]
-BAD_OWNERS = ["", "bad owner!", "-leading", "x" * 129, "tab\there"]
+BAD_OWNERS = ["", "bad owner!", "-leading", "x" * 129, "tab\there", "eve\n", "eve\r\n", "eve\nx-admin: 1"]
 
 
 @pytest.mark.parametrize(("fields", "field"), BAD_CREATE)
@@ -55,6 +59,14 @@ async def test_create_refuses(fields: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidInput) as e:
         await svc.create("acme", **fields)
     assert e.value.field == field and e.value.message
+
+
+@pytest.mark.parametrize("owner", BAD_OWNERS)
+async def test_create_refuses_owner(owner: str) -> None:
+    svc = KeyService(None, Peppers(Pepper(b"p", 1)), "sk", FakeClock(), 90 * 86400.0)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput) as e:
+        await svc.create(owner)
+    assert e.value.field == "owner"
 
 
 async def test_nothing_is_written_on_bad_input(gw: RunningGateway) -> None:
