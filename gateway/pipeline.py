@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from gateway.errors import GatewayError
 from gateway.http.exchange import BODY_CHUNKED, BODY_LENGTH, Exchange
-from gateway.http.paths import PathError, canonical_path
+from gateway.http.paths import PathError, canonical_path, without_parameters
 from gateway.ids import uuid7
 from gateway.routing import Route, Router
 from gateway.stages.client_ip import ClientIP
@@ -81,6 +81,10 @@ class Pipeline:
             raise GatewayError("invalid_path", e.detail) from None
         ex.query = query
         route = self.router.match(ex.path, method, host)
+        if b";" in ex.path and self.router.match_or_none(without_parameters(ex.path), method, host) is not route:
+            # An upstream that drops path parameters (Tomcat, Spring) reads `/admin;x` as `/admin`:
+            # served under another route's auth here, it would be a bypass there.
+            raise GatewayError("invalid_path", "the path's ';' parameters would give it another route")
         if ex.upgrade:
             upgrade = (ex.header(b"upgrade") or b"").strip().lower()
             if upgrade == b"websocket":

@@ -136,3 +136,9 @@ class Router:
                 [(b"Allow", allow)],
             )
         raise GatewayError("no_route", "no route matches this path")
+
+    def match_or_none(self, path: bytes, method: str, host: str) -> Route | None:
+        try:
+            return self.match(path, method, host)
+        except GatewayError:
+            return None

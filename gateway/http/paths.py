@@ -57,6 +57,11 @@ def canonical_path(path: bytes) -> bytes:
     return b"/" + b"/".join(segments)
 
 
+def without_parameters(path: bytes) -> bytes:
+    """The path as an upstream that drops each segment's `;` parameters reads it."""
+    return b"/".join(seg.split(b";", 1)[0] for seg in path.split(b"/"))
+
+
 def _decode_segment(raw: bytes) -> tuple[bytes, bool]:
     if b"%" not in raw:
         for c in raw:

@@ -317,3 +317,35 @@ async def test_gateway_error_to_head_has_no_body(up, gateway) -> None:
     assert int(r.header("content-length") or 0) > 0  # the length a GET would have had, and no bytes
     nxt = await c.response()
     assert nxt.status == 200 and nxt.body == b"ok"
+
+
+@pytest.mark.parametrize(
+    ("path", "tag"),
+    [
+        ("/api/x;v=1", b"A"),  # parameters that keep the path on its route are forwarded as sent
+        ("/api/v2/y;jsessionid=9", b"B"),
+        ("/apix;y", b"C"),
+        ("/;x", b"C"),
+    ],
+)
+async def test_path_parameters_that_keep_the_route_are_forwarded(three, gateway, path, tag) -> None:
+    a, b, c = three
+    h = await gateway(
+        [route(c, name="root", path="/"), route(a, name="api", path="/api"), route(b, name="v2", path="/api/v2")]
+    )
+    r = await h.one(get(path))
+    assert r.status == 200
+    assert r.body == tag + b" " + path.encode()
+
+
+@pytest.mark.parametrize("path", ["/api;x", "/api;a=1/x", "/api;x/v2", "/api/v2;x", "/api/v2;jsessionid=9/y", "/api;/v2/y"])
+async def test_path_parameters_that_would_change_the_route_are_refused(three, gateway, path) -> None:
+    """An upstream that drops `;` parameters (Tomcat, Spring) would read `/api;x` as `/api`: routed
+    to the catch-all here, it would escape /api's auth and limits there."""
+    a, b, c = three
+    h = await gateway(
+        [route(c, name="root", path="/"), route(a, name="api", path="/api"), route(b, name="v2", path="/api/v2")]
+    )
+    r = await h.one(get(path))
+    assert_problem(r, 400, "invalid_path")
+    assert a.requests == b.requests == c.requests == []
