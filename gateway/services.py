@@ -37,16 +37,16 @@ log = logging.getLogger("gateway")
 TOUCH_CHUNK = 500  # keys per last-used write
 
 
-def build_limiter(config: GatewayConfig, clock: Clock, metrics: Metrics, link: WorkerLink | None = None) -> Limiter:
-    """memory:// (embedded; a worker's is its supervisor's, through `link`) or redis://, each shared
-    one behind the configured failure policy."""
+def build_limiter(
+    config: GatewayConfig, clock: Clock, metrics: Metrics, shared: SharedLimiter | None = None, workers: int = 1
+) -> Limiter:
+    """memory:// (embedded; a worker's is its supervisor's, reached through `shared`) or redis://, each
+    shared one behind the configured failure policy."""
     rl = config.ratelimit
     if rl.backend.startswith("memory"):
-        if link is None:
+        if shared is None:
             return MemoryLimiter(clock)
-        return FailoverLimiter(
-            SharedLimiter(link.sock, rl.timeout), rl.on_backend_error, link.workers, clock, metrics.ratelimit_degraded
-        )
+        return FailoverLimiter(shared, rl.on_backend_error, workers, clock, metrics.ratelimit_degraded)
     from gateway.ratelimit.redis import RedisLimiter
 
     return FailoverLimiter(
@@ -93,8 +93,13 @@ class Services:
             keys.warn_before,
         )
         self.keys = KeyService(store, self.peppers, keys.prefix, clock, keys.default_ttl, self.cache)
-        self.limiter = build_limiter(config, clock, metrics, link)
-        self.throttle = AuthThrottle(config.auth, clock)
+        # Under --workers N with memory://, limits and the failed-auth count live in the supervisor.
+        self.shared = shared = SharedLimiter(link.sock, config.ratelimit.timeout) if link is not None else None
+        workers = link.workers if link is not None else 1
+        self.limiter = build_limiter(config, clock, metrics, shared, workers)
+        self.throttle = AuthThrottle(config.auth, clock, shared.report_failure if shared is not None else None)
+        if shared is not None:
+            shared.on_block = self.throttle.block
         self.request_metrics = RequestMetrics(config.metrics.per_key_top)
         metrics.registry.register(self.request_metrics)
         u = config.usage
@@ -133,6 +138,8 @@ class Services:
         store = open_store(config.store)
         services = cls(config, store, clock or Clock(), metrics or Metrics(), link)
         await store.open()
+        if services.shared is not None:
+            await services.shared.connect()
         return services
 
     def start_background(self) -> None:

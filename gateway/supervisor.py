@@ -20,8 +20,10 @@ from gateway.app import Gateway, StartupError, open_services, shown_address
 from gateway.config.schema import GatewayConfig
 from gateway.fleet_metrics import FleetCollector
 from gateway.keys.peppers import PepperMissing, load_peppers
+from gateway.ratelimit.host import LimiterHost
 from gateway.ratelimit.memory import MemoryLimiter
-from gateway.ratelimit.shared import LimiterHost, WorkerLink
+from gateway.ratelimit.shared import WorkerLink
+from gateway.stages.throttle import AuthThrottle
 
 log = logging.getLogger("gateway")
 
@@ -141,7 +143,7 @@ async def _supervisor_loop(
 ) -> int:
     gw = Gateway(config)
     gw.services = await open_services(config)
-    host = LimiterHost(MemoryLimiter(gw.services.clock))
+    host = LimiterHost(MemoryLimiter(gw.services.clock), AuthThrottle(config.auth, gw.services.clock))
     for sock in limiter_ends:
         await host.serve(sock)
     gw.metrics_registry = CollectorRegistry(auto_describe=False)

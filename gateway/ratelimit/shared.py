@@ -7,10 +7,10 @@ Redis, every hit of one event-loop tick goes in one frame, and the supervisor an
 with one. A worker whose supervisor does not answer within `ratelimit.timeout` applies
 `ratelimit.on_backend_error`, its share being the limit ÷ the number of workers.
 
-Frames, both ways: a 4-byte sequence number, a 4-byte length, then a marshal body. A request is a
-list of (counters, cost). The counters are the marshal of (storage keys, ((name, count, period), ...)),
-encoded once for each Counters object. A reply is a list with one item per hit:
-[allowed, remaining, reset, retry, remaining, reset, retry, ...].
+The brute-force throttle is shared the same way: a worker reports each failed authentication, the
+supervisor counts them per client address for all workers, and when an address is to cool down it
+tells every worker, whose own check stays a dict lookup.
+
 Both ends are this gateway's own processes (a pair made before the fork, never a listening socket);
 marshal, not pickle, because the bodies are plain data and marshal calls no constructor.
 """
@@ -20,16 +20,12 @@ from __future__ import annotations
 import asyncio
 import marshal
 import socket
-import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.ratelimit.base import LATE, Counters, Limiter, LimiterUnavailable
-from gateway.ratelimit.memory import MemoryLimiter
-from gateway.ratelimit.policy import Decision, Limit, Outcome
-
-_HEAD = struct.Struct("!II")
-MAX_FRAME = 64 * 1024 * 1024  # bytes: a length beyond it means the stream is out of step
-MAX_DECODED = 100_000  # counters whose decoded form the supervisor keeps; then it starts again
+from gateway.ratelimit.frames import NOTICE, Frames
+from gateway.ratelimit.policy import Decision, Outcome
 
 # One queued hit: counters, cost and the caller's future.
 Entry = tuple[Counters, int, "asyncio.Future[Decision]"]
@@ -43,61 +39,16 @@ class WorkerLink:
     workers: int
 
 
-class _Frames(asyncio.Protocol):
-    """Cuts a stream into (sequence number, body) frames for `on_frame`; `on_lost` when it ends."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.lost = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        while len(buf) >= _HEAD.size:
-            seq, size = _HEAD.unpack_from(buf)
-            if size > MAX_FRAME:
-                self.abort()
-                return
-            end = _HEAD.size + size
-            if len(buf) < end:
-                return
-            body = bytes(buf[_HEAD.size : end])
-            del buf[:end]
-            self.on_frame(seq, body)
-
-    def send(self, seq: int, body: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(_HEAD.pack(seq, len(body)) + body)
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.on_lost()
-
-    def on_frame(self, seq: int, body: bytes) -> None:
-        raise NotImplementedError
-
-    def on_lost(self) -> None:
-        return None
-
-
-# --- the worker's end ------------------------------------------------------------------------------
-
-
-class _WorkerEnd(_Frames):
+class _WorkerEnd(Frames):
     def __init__(self, limiter: SharedLimiter) -> None:
         super().__init__()
         self.limiter = limiter
 
     def on_frame(self, seq: int, body: bytes) -> None:
-        self.limiter._answered(seq, body)
+        if seq == NOTICE:
+            self.limiter._blocked(body)
+        else:
+            self.limiter._answered(seq, body)
 
     def on_lost(self) -> None:
         self.limiter._lost()
@@ -117,6 +68,17 @@ class SharedLimiter(Limiter):
         self._seq = 0
         self._closed = False
         self.frames = 0
+        self._failures: list[str] = []
+        self.on_block: Callable[[str, float], None] | None = None  # the worker's throttle, told of cool-downs
+
+    def report_failure(self, ip: str) -> None:
+        """A failed authentication from `ip`, for the supervisor's count (sent with this tick's hits)."""
+        if self._closed:
+            return
+        self._failures.append(ip)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def hit(self, counters: Counters, cost: int = 1) -> asyncio.Future[Decision]:
         loop = asyncio.get_running_loop()
@@ -132,7 +94,7 @@ class SharedLimiter(Limiter):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not self._queue:
+        if not self._queue and not self._failures:
             return
         end = self._end
         if end is None:
@@ -140,17 +102,30 @@ class SharedLimiter(Limiter):
                 self._connecting = True
                 asyncio.get_running_loop().create_task(self._connect())
             return
+        if self._failures:
+            failures, self._failures = self._failures, []
+            if not end.lost:
+                end.send(NOTICE, marshal.dumps(failures))
         batch, self._queue = self._queue, []
+        if not batch:
+            return
         if end.lost:
             _fail(batch, LimiterUnavailable("supervisor: not reachable"))
             return
-        self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
+        self._seq = seq = self._seq % 0xFFFFFFFF + 1  # 1..2^32-1: 0 is NOTICE
         body = marshal.dumps([(c.encoded or _encode(c), cost) for c, cost, _ in batch])
         end.send(seq, body)
         self.frames += 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         self._pending[seq] = (batch, loop.call_at(deadline, self._expired, seq, deadline, True))
+
+    async def connect(self) -> None:
+        """Start reading the supervisor's end now, not at the first hit: a worker that never failed an
+        authentication nor hit a limit must still hear of the addresses it is to cool down."""
+        if self._end is None and not self._connecting and not self._closed:
+            self._connecting = True
+            await self._connect()
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -205,6 +180,17 @@ class SharedLimiter(Limiter):
                 fut.set_exception(LimiterUnavailable("supervisor: unexpected answer"))
         _fail(batch[len(replies) :], LimiterUnavailable("supervisor: answer too short"))
 
+    def _blocked(self, body: bytes) -> None:
+        on_block = self.on_block
+        if on_block is None:
+            return
+        try:
+            notices = marshal.loads(body)  # noqa: S302 - from our own supervisor, over a socket pair
+            for ip, until in notices:
+                on_block(ip, until)
+        except (ValueError, EOFError, TypeError):
+            pass  # not a notice of ours; the worker's own count still holds
+
     def _lost(self) -> None:
         pending, self._pending = self._pending, {}
         for batch, timer in pending.values():
@@ -232,75 +218,3 @@ def _fail(entries: list[Entry], err: LimiterUnavailable) -> None:
     for _, _, fut in entries:
         if not fut.done():
             fut.set_exception(err)
-
-
-# --- the supervisor's end --------------------------------------------------------------------------
-
-
-class _HostEnd(_Frames):
-    def __init__(self, host: LimiterHost) -> None:
-        super().__init__()
-        self.host = host
-
-    def on_frame(self, seq: int, body: bytes) -> None:
-        try:
-            reply = self.host.answer(body)
-        except (ValueError, EOFError, TypeError):
-            self.abort()  # not a frame of ours: the worker's calls fail over to its policy
-            return
-        self.send(seq, reply)
-
-
-class LimiterHost:
-    """The supervisor's end: one MemoryLimiter deciding for every worker."""
-
-    def __init__(self, limiter: MemoryLimiter) -> None:
-        self.limiter = limiter
-        self._counters: dict[bytes, Counters] = {}
-        self._limits: dict[tuple[str, int, int], Limit] = {}
-        self._ends: list[_HostEnd] = []
-
-    async def serve(self, sock: socket.socket) -> None:
-        """Answer the worker at the other end of `sock` until it closes."""
-        loop = asyncio.get_running_loop()
-        _, end = await loop.create_unix_connection(lambda: _HostEnd(self), sock=sock)
-        self._ends.append(end)
-
-    def answer(self, body: bytes) -> bytes:
-        hit, decoded = self.limiter.hit, self._counters
-        out = []
-        for blob, cost in marshal.loads(body):  # noqa: S302 - from our own worker, over a socket pair
-            counters = decoded.get(blob)
-            if counters is None:
-                counters = self._decode(blob)
-            d = hit(counters, cost)
-            flat: list[object] = [d.allowed]
-            for o in d.outcomes:
-                flat += (o.remaining, o.reset, o.retry_after)
-            out.append(flat)
-        return marshal.dumps(out)
-
-    def _decode(self, blob: bytes) -> Counters:
-        keys, specs = marshal.loads(blob)  # noqa: S302 - from our own worker
-        limits = []
-        for spec in specs:
-            limit = self._limits.get(spec)
-            if limit is None:
-                if len(self._limits) >= MAX_DECODED:
-                    self._limits.clear()
-                name, count, period = spec
-                limit = self._limits[spec] = Limit(name, count, period)
-            limits.append(limit)
-        if len(keys) != len(limits) or not all(type(k) is str for k in keys):
-            raise ValueError("counters and limits do not match")
-        counters = Counters(tuple(keys), tuple(limits))
-        if len(self._counters) >= MAX_DECODED:
-            self._counters.clear()
-        self._counters[blob] = counters
-        return counters
-
-    def close(self) -> None:
-        for end in self._ends:
-            if end.transport is not None:
-                end.transport.close()
-        self._ends.clear()

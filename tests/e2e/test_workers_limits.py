@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import aiohttp
 
@@ -53,3 +54,39 @@ async def test_a_key_limit_is_exact_across_workers(launch: Launcher) -> None:
             assert json.loads(body)["code"] == "rate_limited"
             assert int(headers["Retry-After"]) >= 1
             assert headers["RateLimit"].startswith('"minute";r=0;')
+
+
+async def test_failed_authentications_are_counted_across_workers(launch: Launcher) -> None:
+    up = launch.server()
+    gw = await asyncio.to_thread(
+        launch.gateway,
+        [{"name": "api", "path": "/api", "upstream": up.url, "auth": "required"}],
+        workers=2,
+        auth={"max_failures": 3, "window": "60s", "cooldown": "300s"},
+    )
+    made = await asyncio.to_thread(gateway_cli, "keys", "create", "-c", str(gw.config_path), "--owner", "o", "--json")
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["key"]
+    bad = key[:-8] + ("A" if key[-8] != "A" else "B") + key[-7:]
+
+    async def one(k: str) -> tuple[int, dict[str, str]]:
+        conn = aiohttp.TCPConnector(force_close=True)  # a new connection, so either worker may take it
+        async with aiohttp.ClientSession(timeout=TIMEOUT, connector=conn) as s, s.get(
+            gw.url + "/api/x", headers={"X-API-Key": k}
+        ) as r:
+            return r.status, dict(r.headers)
+
+    assert (await one(key))[0] == 200
+    # four failures, spread over the workers by the kernel: past 3, counted together
+    assert [(await one(bad))[0] for _ in range(4)] == [401] * 4
+    blocked_at = time.monotonic()
+    # The address now cools down on every worker, even with the right key, though each worker alone
+    # saw at most 3 of the failures. The supervisor's notice takes well under a millisecond here; a
+    # loaded machine gets 5 s.
+    while True:
+        after = await asyncio.gather(*(one(key) for _ in range(16)))
+        if all(status == 429 for status, _ in after):
+            break
+        assert time.monotonic() - blocked_at < 5, [status for status, _ in after]
+    waited = time.monotonic() - blocked_at
+    assert all(300 - waited - 1 <= int(headers["Retry-After"]) <= 300 for _, headers in after)

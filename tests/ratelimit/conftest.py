@@ -19,11 +19,14 @@ from dataclasses import dataclass
 import pytest
 
 from gateway.clock import FakeClock
+from gateway.config.schema import AuthThrottleConfig
 from gateway.ratelimit.base import Counters, Limiter
+from gateway.ratelimit.host import LimiterHost
 from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.policy import Decision, Limit
 from gateway.ratelimit.redis import RedisLimiter
-from gateway.ratelimit.shared import LimiterHost, SharedLimiter
+from gateway.ratelimit.shared import SharedLimiter
+from gateway.stages.throttle import AuthThrottle
 
 
 class MsClock(FakeClock):
@@ -78,7 +81,9 @@ class SharedBackend(Backend):
     def __init__(self, clock: MsClock, timeout: float = 5.0, max_counters: int = 1_000_000) -> None:
         host_end, worker_end = socket.socketpair()
         self.host_sock = host_end
-        self.host = LimiterHost(MemoryLimiter(clock, max_counters=max_counters))
+        self.host = LimiterHost(
+            MemoryLimiter(clock, max_counters=max_counters), AuthThrottle(AuthThrottleConfig(), clock)
+        )
         super().__init__(clock, SharedLimiter(worker_end, timeout))
 
     async def start(self) -> SharedBackend:

@@ -3,22 +3,35 @@
 The contract suite runs on this backend too (`shared` in conftest). Here: what only it has — one
 frame per tick, the same decisions as the memory limiter to the last field, a supervisor that is
 slow or gone (the failure policy, never a hang), an answer that comes after its timeout, and the
-supervisor's bounded memory of decoded counters.
+supervisor's bounded memory of decoded counters; and the brute-force throttle, whose failures the
+supervisor counts for every worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import marshal
 import random
+import socket
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from gateway.config.schema import AuthThrottleConfig
+from gateway.errors import GatewayError
 from gateway.metrics import Metrics
-from gateway.ratelimit import shared
+from gateway.ratelimit import host
 from gateway.ratelimit.base import LimiterUnavailable
 from gateway.ratelimit.failover import FailoverLimiter
+from gateway.ratelimit.host import LimiterHost
+from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.policy import Decision, Limit
+from gateway.ratelimit.shared import SharedLimiter, WorkerLink
+from gateway.services import Services
+from gateway.stages.throttle import AuthThrottle
+from tests.keys.support import config_data, validate
 
 from .conftest import MemoryBackend, MsClock, SharedBackend, counters, unique_owner
 
@@ -129,7 +142,7 @@ async def test_a_supervisor_gone_fails_pending_and_new_hits_at_once() -> None:
 
 
 async def test_the_supervisor_keeps_a_bounded_number_of_decoded_counters(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shared, "MAX_DECODED", 20)
+    monkeypatch.setattr(host, "MAX_DECODED", 20)
     b = await SharedBackend(MsClock()).start()
     try:
         owner = unique_owner()
@@ -141,3 +154,72 @@ async def test_the_supervisor_keeps_a_bounded_number_of_decoded_counters(monkeyp
         assert not (await b.hit(counters(owner, lim(3, 60, "minute"), key="k0"))).allowed
     finally:
         await b.close()
+
+
+# --- the brute-force throttle, counted in the supervisor ---------------------------------------------
+
+
+async def test_failed_authentications_are_counted_across_workers_and_every_worker_cools_down() -> None:
+    clock = MsClock()
+    cfg = AuthThrottleConfig(max_failures=3, window="60s", cooldown="300s")
+    supervisor = LimiterHost(MemoryLimiter(clock), AuthThrottle(cfg, clock))
+    workers = []
+    for _ in range(2):
+        host_end, worker_end = socket.socketpair()
+        await supervisor.serve(host_end)
+        limiter = SharedLimiter(worker_end, 5.0)
+        throttle = AuthThrottle(cfg, clock, limiter.report_failure)
+        limiter.on_block = throttle.block
+        workers.append((limiter, throttle))
+    ta, tb = (throttle for _, throttle in workers)
+    try:
+        clock.set_ms(1_700_000_000_000)
+        for throttle in (ta, tb, ta, tb):  # two each: neither worker alone is past 3
+            throttle.check("192.0.2.7")
+            throttle.fail("192.0.2.7")
+        tb.fail("198.51.100.1")
+        await wait_until(lambda: "192.0.2.7" in tb.state and tb.blocked_until("192.0.2.7") > 0)
+        await wait_until(lambda: ta.blocked_until("192.0.2.7") > 0)
+        for throttle in (ta, tb):
+            with pytest.raises(GatewayError) as e:
+                throttle.check("192.0.2.7")
+            assert e.value.code == "rate_limited"
+            assert dict(e.value.headers)[b"Retry-After"] == b"300"
+            throttle.check("198.51.100.1")  # another address: untouched
+        assert supervisor.throttle.state["192.0.2.7"][1] == 4
+        clock.advance_ms(300_001)
+        ta.check("192.0.2.7")  # the cool-down ends on every worker
+        tb.check("192.0.2.7")
+    finally:
+        for limiter, _ in workers:
+            await limiter.close()
+        supervisor.close()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within 5 s"
+        await asyncio.sleep(0.001)
+
+
+async def test_a_worker_that_never_asked_anything_still_hears_of_cool_downs(tmp_path: Path) -> None:
+    """A worker whose clients all authenticated, on routes without limits, never sends a frame: its
+    services must read the supervisor's end from the start, or another worker's brute force is
+    let through here (seen end to end: one of two workers kept answering 200)."""
+    config = validate(
+        config_data(f"sqlite:///{tmp_path / 'keys.db'}", "http://127.0.0.1:9", auth={"max_failures": 1})
+    )
+    clock = MsClock()
+    supervisor = LimiterHost(MemoryLimiter(clock), AuthThrottle(config.auth, clock))
+    host_end, worker_end = socket.socketpair()
+    await supervisor.serve(host_end)
+    services = await Services.open(config, link=WorkerLink(worker_end, 2))
+    try:
+        supervisor.failed(marshal.dumps(["192.0.2.9", "192.0.2.9"]))  # another worker's two failures
+        await wait_until(lambda: services.throttle.blocked_until("192.0.2.9") > 0)
+        with pytest.raises(GatewayError):
+            services.throttle.check("192.0.2.9")
+    finally:
+        await services.close()
+        supervisor.close()

@@ -1,0 +1,107 @@
+"""The supervisor's end of `shared.py`: one MemoryLimiter deciding for every worker, and one
+brute-force throttle counting every worker's failed authentications."""
+
+from __future__ import annotations
+
+import asyncio
+import marshal
+import socket
+
+from gateway.ratelimit.base import Counters
+from gateway.ratelimit.frames import NOTICE, Frames
+from gateway.ratelimit.memory import MemoryLimiter
+from gateway.ratelimit.policy import Limit
+from gateway.stages.throttle import AuthThrottle
+
+MAX_DECODED = 100_000  # counters whose decoded form the supervisor keeps; then it starts again
+
+
+class _HostEnd(Frames):
+    def __init__(self, host: LimiterHost) -> None:
+        super().__init__()
+        self.host = host
+
+    def on_frame(self, seq: int, body: bytes) -> None:
+        try:
+            if seq == NOTICE:
+                self.host.failed(body)
+                return
+            reply = self.host.answer(body)
+        except (ValueError, EOFError, TypeError):
+            self.abort()  # not a frame of ours: the worker's calls fail over to its policy
+            return
+        self.send(seq, reply)
+
+
+class LimiterHost:
+    """The supervisor's end: one MemoryLimiter deciding for every worker, one throttle counting."""
+
+    def __init__(self, limiter: MemoryLimiter, throttle: AuthThrottle) -> None:
+        self.limiter = limiter
+        self.throttle = throttle
+        self._counters: dict[bytes, Counters] = {}
+        self._limits: dict[tuple[str, int, int], Limit] = {}
+        self._ends: list[_HostEnd] = []
+
+    async def serve(self, sock: socket.socket) -> None:
+        """Answer the worker at the other end of `sock` until it closes."""
+        loop = asyncio.get_running_loop()
+        _, end = await loop.create_unix_connection(lambda: _HostEnd(self), sock=sock)
+        self._ends.append(end)
+
+    def answer(self, body: bytes) -> bytes:
+        hit, decoded = self.limiter.hit, self._counters
+        out = []
+        for blob, cost in marshal.loads(body):  # noqa: S302 - from our own worker, over a socket pair
+            counters = decoded.get(blob)
+            if counters is None:
+                counters = self._decode(blob)
+            d = hit(counters, cost)
+            flat: list[object] = [d.allowed]
+            for o in d.outcomes:
+                flat += (o.remaining, o.reset, o.retry_after)
+            out.append(flat)
+        return marshal.dumps(out)
+
+    def failed(self, body: bytes) -> None:
+        """Count a worker's failed authentications; tell every worker of each address now cooling down."""
+        throttle = self.throttle
+        notices = []
+        for ip in marshal.loads(body):  # noqa: S302 - from our own worker, over a socket pair
+            if type(ip) is not str:
+                raise TypeError("not an address")
+            before = throttle.blocked_until(ip)
+            throttle.fail(ip)
+            until = throttle.blocked_until(ip)
+            if until > before:
+                notices.append((ip, until))
+        if notices:
+            body = marshal.dumps(notices)
+            for end in self._ends:
+                if not end.lost:
+                    end.send(NOTICE, body)
+
+    def _decode(self, blob: bytes) -> Counters:
+        keys, specs = marshal.loads(blob)  # noqa: S302 - from our own worker
+        limits = []
+        for spec in specs:
+            limit = self._limits.get(spec)
+            if limit is None:
+                if len(self._limits) >= MAX_DECODED:
+                    self._limits.clear()
+                name, count, period = spec
+                limit = self._limits[spec] = Limit(name, count, period)
+            limits.append(limit)
+        if len(keys) != len(limits) or not all(type(k) is str for k in keys):
+            raise ValueError("counters and limits do not match")
+        counters = Counters(tuple(keys), tuple(limits))
+        if len(self._counters) >= MAX_DECODED:
+            self._counters.clear()
+        self._counters[blob] = counters
+        return counters
+
+    def close(self) -> None:
+        for end in self._ends:
+            if end.transport is not None:
+                end.transport.close()
+        self._ends.clear()
