@@ -14,6 +14,7 @@ from gateway.anomalies import Anomaly, AnomalyDetector
 from gateway.clock import Clock
 from gateway.config.schema import GatewayConfig
 from gateway.keys.cache import KeyCache
+from gateway.keys.changes import KeyChanges
 from gateway.keys.format import KeyFormat
 from gateway.keys.inputs import KeyNotFound
 from gateway.keys.model import AuditEntry
@@ -92,7 +93,9 @@ class Services:
             keys.query.names,
             keys.warn_before,
         )
-        self.keys = KeyService(store, self.peppers, keys.prefix, clock, keys.default_ttl, self.cache)
+        # A poll every sync_interval, plus a margin for the poll itself.
+        propagation = keys.sync_interval + 0.05
+        self.keys = KeyService(store, self.peppers, keys.prefix, clock, keys.default_ttl, self.cache, propagation)
         # Under --workers N with memory://, limits and the failed-auth count live in the supervisor.
         self.shared = shared = SharedLimiter(link.sock, config.ratelimit.timeout) if link is not None else None
         workers = link.workers if link is not None else 1
@@ -125,6 +128,8 @@ class Services:
                 "gateway_anomalies_total", "Anomalies detected", ["kind"], registry=metrics.registry
             )
         self._flusher: asyncio.Task[None] | None = None
+        self.key_changes = KeyChanges(store, self.cache, clock, metrics, keys.sync_interval)
+        self._key_sync: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -145,6 +150,7 @@ class Services:
     def start_background(self) -> None:
         loop = asyncio.get_running_loop()
         self._flusher = loop.create_task(self._flush_loop())
+        self._key_sync = loop.create_task(self.key_changes.run())
         if self.usage is not None:
             self.usage.start()
             self._rollups = loop.create_task(self._rollup_loop())
@@ -203,7 +209,7 @@ class Services:
             log.error("anomaly %s: key %s no longer exists, nothing to suspend", event.kind, event.key_id)
 
     async def close(self) -> None:
-        for task in (self._flusher, self._rollups):
+        for task in (self._flusher, self._rollups, self._key_sync):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

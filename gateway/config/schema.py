@@ -66,12 +66,22 @@ class KeysConfig(Strict):
     negative_cache_size: int = Field(default=100_000, ge=0)
     max_stale: Duration = Field(default=300.0, description="with the store down, cached keys serve this long")
     touch_interval: Duration = Field(default=10.0, description="how often last-used times are written")
+    sync_interval: Duration = Field(
+        default=0.25, description="how often each process reads key changes made elsewhere (revocations) from the store"
+    )
 
     @field_validator("cache_ttl")
     @classmethod
     def _cache_ttl(cls, v: float) -> float:
         if v > 30:
             raise ValueError("at most 30s: a revocation elsewhere must reach this process within it")
+        return v
+
+    @field_validator("sync_interval")
+    @classmethod
+    def _sync_interval(cls, v: float) -> float:
+        if not 0.01 <= v <= 5:
+            raise ValueError("from 10ms to 5s: revocations made elsewhere reach each process within it")
         return v
 
     @field_validator("prefix")

@@ -66,7 +66,11 @@ class KeyService:
         clock: Clock,
         default_ttl: float | None,
         cache: KeyCache | None = None,
+        propagation: float = 0.0,
     ) -> None:
+        # How long a revocation waits before it returns: every process reading key changes from the
+        # same store (keys/changes.py) has read it by then, so the key is refused everywhere "from now on".
+        self.propagation = propagation
         self.store = store
         self.peppers = peppers
         self.prefix = prefix
@@ -168,14 +172,21 @@ class KeyService:
         self._evict(record.id)
         return record
 
-    @_serialised
     async def revoke(self, key_id: str, *, reason: str = "", actor: str = "cli", source_ip: str = "") -> KeyRecord:
-        """The kill switch: refused from the next request on in this process."""
+        """The kill switch: refused from the next request on in this process at once, and in every
+        other process sharing the store by the time this returns."""
+        record, changed = await self._revoke(key_id, reason=reason, actor=actor, source_ip=source_ip)
+        if changed and self.propagation:
+            await asyncio.sleep(self.propagation)  # outside the lock: other changes need not wait
+        return record
+
+    @_serialised
+    async def _revoke(self, key_id: str, *, reason: str, actor: str, source_ip: str) -> tuple[KeyRecord, bool]:
         if len(reason) > 500:
             raise InvalidInput("reason", "at most 500 characters")
         record = await self.get(key_id)
         if record.status == "revoked":
-            return record
+            return record, False
         was = record.status
         record.status = "revoked"
         record.revoked_at = self.clock.now()
@@ -183,7 +194,7 @@ class KeyService:
         audit = AuditEntry("revoke", actor, source_ip, record.id, {"reason": reason}, at=record.revoked_at)
         await self._write(record, audit, was)
         self._evict(record.id)
-        return record
+        return record, True
 
     @_serialised
     async def suspend(self, key_id: str, *, reason: str = "", actor: str = "cli", source_ip: str = "") -> KeyRecord:

@@ -97,6 +97,13 @@ class KeyStore(ABC):
     ) -> list[AuditEntry]:
         """Entries newest first."""
 
+    @abstractmethod
+    async def key_changes(self, after_id: int, since: datetime, limit: int = 10_000) -> list[tuple[int, str, float]]:
+        """(audit id, key id, epoch time written) of the entries about a key with an id past `after_id` or written at or
+        after `since`, oldest first: every change to a key is audited in its own transaction, so this
+        is the feed other processes read changes from (keys/changes.py). `after_id` -1: the last id
+        only, as (id, "", 0.0), where a reader starts."""
+
 
 class UsageStore(ABC):
     """Usage records, reports and rollups; the key stores implement it beside KeyStore."""

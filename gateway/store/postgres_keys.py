@@ -142,6 +142,20 @@ class PostgresKeys(PostgresPool):
         return [_audit_from_row(r) for r in rows]
 
 
+    async def key_changes(self, after_id: int, since: datetime, limit: int = 10_000) -> list[tuple[int, str, float]]:
+        async with self._connection() as conn:
+            if after_id < 0:
+                return [(int(await conn.fetchval("SELECT coalesce(max(id), 0) FROM audit_log")), "", 0.0)]
+            rows = await conn.fetch(
+                "SELECT id, key_id, at FROM audit_log WHERE key_id IS NOT NULL AND (id > $1 OR at >= $2) "
+                "ORDER BY id LIMIT $3",
+                after_id,
+                since,
+                limit,
+            )
+        return [(int(r["id"]), str(r["key_id"]), r["at"].timestamp()) for r in rows]
+
+
 # --- helpers ---------------------------------------------------------------------------------------
 
 

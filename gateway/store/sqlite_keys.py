@@ -168,6 +168,20 @@ class SQLiteKeys(SQLiteWorker):
         return await self._run(list_)
 
 
+    async def key_changes(self, after_id: int, since: datetime, limit: int = 10_000) -> list[tuple[int, str, float]]:
+        def read(conn: sqlite3.Connection) -> list[tuple[int, str, float]]:
+            if after_id < 0:
+                return [(conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0], "", 0.0)]
+            rows = conn.execute(
+                "SELECT id, key_id, at FROM audit_log WHERE key_id IS NOT NULL AND (id > ? OR at >= ?) "
+                "ORDER BY id LIMIT ?",
+                (after_id, ts(since), limit),
+            ).fetchall()
+            return [(int(i), str(k), datetime.fromisoformat(at).timestamp()) for i, k, at in rows]
+
+        return await self._run(read)
+
+
 # --- helpers (they run on the worker thread) -------------------------------------------------------
 
 

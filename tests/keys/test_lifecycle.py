@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.clock import FakeClock
+from gateway.keys.changes import LOOKBACK
 from tests.helpers.gateway import RunningGateway
 from tests.helpers.upstream import RecordingUpstream
 
@@ -160,16 +161,44 @@ async def test_revocation_is_effective_on_the_next_request(gw: RunningGateway, u
     assert stored.status == "revoked" and stored.revoke_reason == "leaked"
 
 
-async def test_revocation_in_another_process_reaches_this_one_within_cache_ttl(
+async def test_revocation_in_another_process_reaches_this_one_at_its_next_key_sync(
     start: Start, clock: FakeClock, config_file: Path
 ) -> None:
     gw = await start(keys={"cache_ttl": "10s"})
     rec, key = await new_key(gw)
-    assert await status(gw, key) == 200
+    _, other_key = await new_key(gw)
+    changes = gw.services.key_changes
+    await changes.poll()  # where this process starts reading
+    assert await status(gw, key) == 200 and await status(gw, other_key) == 200
     run = await cli(config_file, "keys", "revoke", rec.id, "--reason", "rotated out")
     assert run.code == 0, run.err
-    clock.advance(10)
+    assert await status(gw, key) == 200  # still cached: nothing read the change yet
+    await changes.poll()  # the next sync, every keys.sync_interval; no cache expiry needed
     problem(await call(gw, "GET", "/any/x", bearer(key)), 401, "invalid_api_key")
+    assert await status(gw, other_key) == 200
+    assert metric(gw, "gateway_key_change_propagation_seconds_count") == 1
+
+
+async def test_key_sync_forgets_each_change_once(gw: RunningGateway, clock: FakeClock) -> None:
+    """Entries are read again while they are within the lookback (one committed late is not missed),
+    but a key is forgotten once per change, not at every poll: each forgetting costs a store read."""
+    changes = gw.services.key_changes
+    await changes.poll()
+    rec, key = await new_key(gw)
+    await gw.services.keys.update(rec.id, name="renamed")
+    await changes.poll()
+    assert metric(gw, "gateway_key_change_propagation_seconds_count") == 2  # the create and the update
+    calls = count_store_calls(gw.services.store)
+    assert await status(gw, key) == 200
+    for _ in range(3):
+        await changes.poll()
+        assert await status(gw, key) == 200
+    assert calls["find_by_digests"] == 1  # read once after the update, then cached throughout
+    assert metric(gw, "gateway_key_change_propagation_seconds_count") == 2
+    assert len(changes.applied) == 2
+    clock.advance(3 * LOOKBACK)
+    await changes.poll()
+    assert changes.applied == {}  # what the lookback no longer returns is not remembered
 
 
 async def test_last_used_without_a_write_per_request(gw: RunningGateway, clock: FakeClock, config_file: Path) -> None:
