@@ -41,11 +41,12 @@ async def test_admin_authentication(gw: RunningGateway) -> None:
     async with aiohttp.ClientSession(gw.admin_url) as s:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {ADMIN_TOKEN}"},
                         {"Authorization": f"Bearer {ADMIN_TOKEN}x"}, {"Authorization": f"Bearer {plain_key}"},
-                        {"Authorization": f"Bearer {revoked_admin}"}, {"X-API-Key": admin_key}):
+                        {"Authorization": f"Bearer {revoked_admin}"}, {"X-API-Key": admin_key},
+                        {"Authorization": f"Bearer {star_key}"}):  # `*` is for the APIs, not key management
             async with s.get("/admin/keys", headers=headers) as r:
                 await _problem(r, 401, "admin_unauthorized")
                 assert r.headers["WWW-Authenticate"].startswith("Bearer")
-        for key in (ADMIN_TOKEN, admin_key, star_key):
+        for key in (ADMIN_TOKEN, admin_key):
             async with s.get("/admin/keys", headers={"Authorization": f"Bearer {key}"}) as r:
                 assert r.status == 200
         async with s.post("/admin/keys", json={"owner": "made-by-key"},
@@ -58,7 +59,7 @@ async def test_admin_authentication(gw: RunningGateway) -> None:
                 assert r.status == 200, path
     entries = await gw.services.keys.audit()
     failures = [e for e in entries if e.action == "admin_auth_failed"]
-    assert len(failures) == 7
+    assert len(failures) == 8
     for e in failures:
         assert e.source_ip == "127.0.0.1" and e.actor == "anonymous" and e.key_id is None
         assert e.change["path"] == "/admin/keys"
@@ -66,7 +67,7 @@ async def test_admin_authentication(gw: RunningGateway) -> None:
     created = [e for e in entries if e.action == "create" and e.key_id == made["id"]]
     assert created[0].actor.startswith("key:") and created[0].source_ip == "127.0.0.1"
     text = " ".join(str(e.public()) for e in entries)
-    for secret in (admin_key, plain_key, revoked_admin, ADMIN_TOKEN, "wrong"):
+    for secret in (admin_key, star_key, plain_key, revoked_admin, ADMIN_TOKEN, "wrong"):
         assert secret not in text
 
 
