@@ -225,8 +225,11 @@ class AuthStage:
             found, source = value, name
         ex.credential_header = source
         query = ex.query
-        # A percent-encoded name (`api%5Fkey=`) is the same parameter to the upstream's decoder.
-        if query and (b"%" in query or any(n in query for n in auth.query_needles)):
+        # A percent-encoded name (`api%5Fkey=`) is the same parameter to the upstream's decoder; a key
+        # under another name (`apikey[]=`, `token=`) is found by its shape.
+        if query and (
+            b"%" in query or any(n in query for n in auth.query_needles) or any(m in query for m in auth.fmt.marks)
+        ):
             found = self._from_query(ex, found)
         if found is not None and (carriers or query):
             _scrub(ex, found, source, carriers)
@@ -237,10 +240,13 @@ class AuthStage:
     def _from_query(self, ex: Exchange, header_key: bytes | None) -> bytes | None:
         kept: list[bytes] = []
         keys: list[bytes] = []
+        names, fmt = self.auth.query_names, self.auth.fmt
         for part in ex.query.split(b"&"):
             name, _, value = part.partition(b"=")
-            if unquote_to_bytes(name) in self.auth.query_names:
-                keys.append(unquote_to_bytes(value))
+            name, value = unquote_to_bytes(name), unquote_to_bytes(value)
+            # `apikey[]` is `apikey` to PHP and Rails; any parameter holding one of our keys is a key.
+            if name in names or name.removesuffix(b"[]") in names or fmt.env_of(value) is not None:
+                keys.append(value)
             else:
                 kept.append(part)
         if not keys:

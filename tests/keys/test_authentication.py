@@ -96,6 +96,29 @@ async def test_query_key_warn_accepts_and_strips_the_parameter(gw: RunningGatewa
     problem(await call(gw, "GET", "/warn/x?api_key=sk_live_nope"), 401, "invalid_api_key")
 
 
+async def test_a_key_under_another_query_name_never_reaches_the_upstream(
+    gw: RunningGateway, up: RecordingUpstream
+) -> None:
+    """`apikey[]` is `apikey` to PHP and Rails, and a key sent as `token=` is still a key: on an
+    optional route these went upstream, key and all."""
+    rec, key = await new_key(gw)
+    for target in (f"/opt/x?apikey[]={key}&a=1", f"/opt/x?apikey%5B%5D={key}", f"/opt/x?token={key}",
+                   f"/any/x?api_key[]={key}", f"/any/x?q=1&t={key}"):
+        problem(await call(gw, "GET", target), 400, "api_key_in_query")
+    assert not up.requests
+    # under warn: the key is used, and the parameter stripped whatever its name
+    r = await call(gw, "GET", f"/warn/x?a=1&apikey[]={key}&b=2")
+    assert r.status == 200
+    assert up.requests[-1].target == b"/warn/x?a=1&b=2"
+    assert up.requests[-1].header("x-credential-identifier") == rec.id
+    r = await call(gw, "GET", f"/warn/y?token={key}")
+    assert r.status == 200 and up.requests[-1].target == b"/warn/y"
+    assert key.encode() not in bytes(up.received)
+    # a value that only looks like a key at a glance is left alone
+    r = await call(gw, "GET", "/opt/x?q=sk_live_notakey")
+    assert r.status == 200 and up.requests[-1].target == b"/opt/x?q=sk_live_notakey"
+
+
 async def test_route_policy_overrides_the_global_one(start: Start, up: RecordingUpstream) -> None:
     routes = [
         {"name": "strict", "path": "/strict", "upstream": up.url, "query_key_policy": "reject"},
