@@ -91,6 +91,7 @@ class ProxyServer:
         self.idle_timeout = lim.idle_timeout
         self.max_header_bytes = lim.max_header_bytes
         self.max_headers = lim.max_headers
+        self.max_header_line = lim.max_header_line
         self.max_pipelined = lim.max_pipelined
         self.max_connections = lim.max_connections
         self.underscores = config.headers_with_underscores

@@ -137,6 +137,9 @@ class LimitsConfig(Strict):
 
     max_header_bytes: Size = Field(default=32768, description="request line plus all header lines; over it: 431")
     max_headers: int = Field(default=100, ge=1, le=10000, description="header lines in a request; over it: 431")
+    max_header_line: Size = Field(
+        default=8192, description="the request target, or one header line (name: value); over it: 431"
+    )
     header_timeout: Duration = Field(default=10.0, description="from the first byte of a request to its last header")
     body_timeout: Duration = Field(default=30.0, description="longest pause between two pieces of a request body: 408")
     idle_timeout: Duration = Field(default=75.0, description="keep-alive: an idle client connection is closed after it")

@@ -113,17 +113,20 @@ class ClientConnection(Forwarding):
             return
         ex.target += url
         self.head_bytes += len(url)
-        if self.head_bytes > self.server.max_header_bytes:
+        if self.head_bytes > self.server.max_header_bytes or len(ex.target) > self.server.max_header_line:
             self._refuse(GatewayError("headers_too_large", "the request target is too long", close=True))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.current
         if ex is None:
             return
-        self.head_bytes += len(name) + len(value) + 4
+        line = len(name) + len(value) + 2
+        self.head_bytes += line + 2
         self.header_count += 1
         if self.head_bytes > self.server.max_header_bytes or self.header_count > self.server.max_headers:
             self._refuse(GatewayError("headers_too_large", "the request's header section is too large", close=True))
+        if line > self.server.max_header_line:
+            self._refuse(GatewayError("headers_too_large", "a request header line is too long", close=True))
         if self.in_body:
             return  # a trailer: counted against the limits, never merged or forwarded
         name = name.lower()

@@ -49,6 +49,26 @@ async def test_64_kib_request_target(up, gateway) -> None:
     await assert_refused(h, up, get("/" + "a" * 65536), 431, "headers_too_large")
 
 
+async def test_one_header_line_over_max_header_line(up, gateway) -> None:
+    """8 KiB a line by default (as nginx's buffers), though the whole block may hold 32 KiB."""
+    h = await gateway([route(up)])
+    name = "X-Long"
+    at_limit = "v" * (8192 - len(name) - 2)  # "X-Long: vvv…" is 8192 bytes without its CRLF
+    await assert_refused(h, up, get("/", extra=f"{name}: {at_limit}v\r\n"), 431, "headers_too_large")
+    assert (await h.one(get("/", extra=f"{name}: {at_limit}\r\n"))).status == 200
+
+
+async def test_max_header_line_is_configurable(up, gateway) -> None:
+    h = await gateway([route(up)], limits={"max_header_line": 1024})
+    await assert_refused(h, up, get("/", extra=f"Cookie: {'c' * 1020}\r\n"), 431, "headers_too_large")
+
+
+async def test_request_target_over_max_header_line(up, gateway) -> None:
+    h = await gateway([route(up)])
+    await assert_refused(h, up, get("/" + "a" * 8192), 431, "headers_too_large")
+    assert (await h.one(get("/" + "a" * 8191))).status == 200
+
+
 async def test_unterminated_header_line_is_refused_when_it_crosses_the_limit(up, gateway) -> None:
     """One endless header line: refused as soon as it is over the limit, not at the header deadline."""
     h = await gateway([route(up)], limits={"max_header_bytes": 8192, "header_timeout": "30s"})
