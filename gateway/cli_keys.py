@@ -68,12 +68,19 @@ async def _list(s: Services, a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps([r.public() for r in records]))
         return 0
-    print(f"{'ID':<26}{'OWNER':<20}{'ENV':<6}{'STATUS':<10}{'HINT':<18}{'EXPIRES':<29}SCOPES")
+    print(f"{'ID':<26}{'NAME':<20}{'OWNER':<20}{'ENV':<6}{'STATUS':<10}{'HINT':<18}{'EXPIRES':<29}"
+          f"{'LAST USED':<29}SCOPES")
     for r in records:
         d = r.public()
-        print(f"{r.id:<26}{r.owner[:19]:<20}{r.env:<6}{d['status']!s:<10}{r.hint:<18}"
-              f"{d['expires_at'] or 'never'!s:<29}{' '.join(r.scopes)}")
+        print(f"{r.id:<26}{_cell(r.name or '-', 19):<20}{_cell(r.owner, 19):<20}{r.env:<6}{d['status']!s:<10}"
+              f"{r.hint:<18}{d['expires_at'] or 'never'!s:<29}{d['last_used_at'] or 'never'!s:<29}"
+              f"{' '.join(r.scopes)}")
     return 0
+
+
+def _cell(text: str, width: int) -> str:
+    """A column's text, cut with an ellipsis so the next column stays aligned."""
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 async def _show(s: Services, a: argparse.Namespace) -> int:
@@ -129,6 +136,8 @@ async def _anomalies(s: Services, a: argparse.Namespace) -> int:
 
 
 async def _usage(s: Services, a: argparse.Namespace) -> int:
+    if a.json and a.csv:
+        raise InvalidInput("format", "give --json or --csv, not both")
     rows = await usage_rows(s.store, s.clock.now(), a.since, a.by, a.key, a.owner)
     if a.json:
         print(as_json(rows))
@@ -154,7 +163,10 @@ async def _audit(s: Services, a: argparse.Namespace) -> int:
 async def _migrate(s: Services, a: argparse.Namespace) -> int:
     # Opening the store already applied what was pending: report that too, not "up to date".
     applied = list(getattr(s.store, "migrations_applied", [])) + await s.store.migrate()
-    print("up to date" if not applied else "applied: " + ", ".join(applied))
+    if a.json:
+        print(json.dumps({"applied": applied}))
+    else:
+        print("up to date" if not applied else "applied: " + ", ".join(applied))
     return 0
 
 

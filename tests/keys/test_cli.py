@@ -82,6 +82,8 @@ async def test_keys_commands(config_file: Path) -> None:
     assert key_id in shown_human.out and f"sk_test_…{key[-4:]}" in shown_human.out
     assert "orders:read reports:*" in shown_human.out
     assert key_id in listed_human.out and "acme" in listed_human.out and "never" in listed_human.out
+    header = listed_human.out.splitlines()[0].split()
+    assert header == ["ID", "NAME", "OWNER", "ENV", "STATUS", "HINT", "EXPIRES", "LAST", "USED", "SCOPES"]
 
     # each list option given replaces that list; the others stay
     updated = await cli(config_file, "keys", "update", key_id, "--scope", "orders:write", "--allow-ip", "192.0.2.1",
@@ -166,6 +168,8 @@ async def test_migrate(tmp_path: Path) -> None:
     assert "0001_keys" in first.out
     second = await cli(config, "migrate")
     assert second.code == 0 and "up to date" in second.out
+    third = await cli(config, "migrate", "--json")
+    assert third.code == 0 and third.json() == {"applied": []}
     store = open_store(f"sqlite:///{db}")
     await store.open()
     try:
@@ -178,9 +182,9 @@ async def test_migrate(tmp_path: Path) -> None:
 @pytest.mark.parametrize("backend", ["postgres"])
 async def test_migrate_postgres(store_url: str, tmp_path: Path) -> None:
     config = write_config(tmp_path / "gateway.yaml", config_data(store_url, "http://127.0.0.1:9"))
-    first = await cli(config, "migrate")
+    first = await cli(config, "migrate", "--json")
     assert first.code == 0, first.err
-    assert "0001_keys" in first.out
+    assert "0001_keys" in first.json()["applied"]
 
 
 @pytest.fixture

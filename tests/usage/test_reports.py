@@ -180,11 +180,12 @@ async def test_gateway_usage_command(traffic: Traffic) -> None:
         assert run.code == 0, (args, run.err)
         check_rows(run.json(), traffic, **want)
 
-    as_csv, table, bad_by, bad_since = await asyncio.gather(
+    as_csv, table, bad_by, bad_since, both = await asyncio.gather(
         cli(traffic.config, "usage", "--since", "24h", "--by", "owner", "--csv"),
         cli(traffic.config, "usage", "--since", "24h", "--by", "route"),
         cli(traffic.config, "usage", "--by", "minute"),
         cli(traffic.config, "usage", "--since", "yesterday"),
+        cli(traffic.config, "usage", "--json", "--csv"),
     )
     assert as_csv.code == 0, as_csv.err
     check_csv(as_csv.out, traffic, "owner", day_ago)
@@ -201,6 +202,7 @@ async def test_gateway_usage_command(traffic: Traffic) -> None:
 
     assert bad_by.code == 2 and "minute" in bad_by.err
     assert bad_since.code == 1 and "since" in bad_since.err
+    assert both.code == 1 and "--json or --csv" in both.err and both.out == ""
 
 
 def check_csv(text: str, traffic: Traffic, by: str, since: float, **filters: str) -> None:
