@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 MAX_RESPONSE_HEADERS = 256
 MAX_RESPONSE_HEAD_BYTES = 65536
+# What a reason phrase may hold (RFC 9112 §4: HTAB, SP, VCHAR, obs-text): llhttp lets control bytes through.
+_REASON_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 INF = float("inf")
 
 
@@ -184,7 +186,8 @@ class UpstreamConnection(asyncio.Protocol):
             client.flush_head()  # a head whose body did not come in this read goes out now
 
     def on_status(self, reason: bytes) -> None:
-        self.reason = reason
+        # A control byte is never passed on to the client: the phrase is dropped (clients ignore it).
+        self.reason = reason if not reason.translate(None, _REASON_BYTES) else b""
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value)

@@ -157,3 +157,22 @@ async def test_http10_client_gets_a_close_delimited_body_from_a_chunked_upstream
     assert r.status == 200 and r.body == b"hello"
     assert "transfer-encoding" not in r.names() and "content-length" not in r.names()
     assert c.eof
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"HTTP/1.1 200 OK", "OK"),
+        (b"HTTP/1.1 404 Not Found Here", "Not Found Here"),
+        (b"HTTP/1.1 200 O\tK", "O\tK"),
+        (b"HTTP/1.1 200 O\x01K", ""),  # control bytes: the phrase is dropped, never passed on
+        (b"HTTP/1.1 200 O\x7fK", ""),
+        (b"HTTP/1.1 200 O\x1bK", ""),
+    ],
+)
+async def test_the_reason_phrase_never_carries_a_control_byte(up, gateway, line, reason) -> None:
+    up.respond = lambda req: line + b"\r\nContent-Length: 2\r\n\r\nok"
+    h = await gateway([route(up)])
+    c = await h.send(get("/"))
+    r = await c.response()
+    assert r.body == b"ok" and r.reason == reason  # the status line's rest, as read off the wire
