@@ -9,6 +9,7 @@ import re
 from gateway.clock import FakeClock
 from gateway.keys.format import generate
 from tests.helpers.gateway import RunningGateway
+from tests.helpers.raw_http import Conn
 from tests.helpers.upstream import RecordingUpstream
 
 from .conftest import Start
@@ -200,3 +201,32 @@ async def test_expired_key_is_401_expired(gw: RunningGateway, clock: FakeClock) 
     problem(r, 401, "expired_api_key")
     assert r.header("www-authenticate") == 'Bearer realm="gateway"'
     assert metric(gw, "gateway_auth_rejections_total", reason="expired") == 1
+
+
+async def test_expect_100_continue_only_once_the_key_is_checked(gw: RunningGateway, up: RecordingUpstream) -> None:
+    """A client waiting on 100-continue must not be told to send its body before its key passed:
+    without a key, or with a bad one, the answer is the refusal, and the connection closes."""
+    _, key = await new_key(gw)
+    head = "POST /any/x HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: 5000000\r\nExpect: 100-continue\r\n"
+    for extra in ("", "X-API-Key: sk_live_notakey\r\n", f"X-API-Key: {key[:-1]}{'A' if key[-1] != 'A' else 'B'}\r\n"):
+        conn = await Conn.open(gw.port)
+        try:
+            conn.writer.write((head + extra + "\r\n").encode())
+            r = await conn.read_response()
+            assert r.status == 401 and r.code in ("missing_api_key", "invalid_api_key"), r.head
+            assert r.header("connection") == "close"
+            assert await conn.reader.read() == b""  # closed, and no 100 Continue came before the 401
+        finally:
+            await conn.close()
+    conn = await Conn.open(gw.port)
+    try:
+        conn.writer.write(
+            f"POST /any/x HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
+            f"X-API-Key: {key}\r\n\r\n".encode()
+        )
+        assert (await conn.read_response()).status == 100
+        conn.writer.write(b"hello")
+        assert (await conn.read_response()).status == 200
+    finally:
+        await conn.close()
+    assert [r.body for r in up.requests] == [b"hello"]
