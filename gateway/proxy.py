@@ -14,6 +14,7 @@ from gateway.config.schema import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.http.connection import ConnectionBase
 from gateway.http.exchange import Exchange
+from gateway.http.outliers import EjectionMetrics
 from gateway.http.pool import UpstreamPool
 from gateway.http.server import ClientConnection
 from gateway.pipeline import Pipeline, Stage
@@ -98,6 +99,7 @@ class ProxyServer:
         self.scheme = b"https" if config.tls else b"http"
         self.router = Router(build_routes(config, services))
         if services is not None:
+            services.metrics.registry.register(EjectionMetrics(self.router.routes, loop.time))
             self.observers.append(
                 Telemetry(
                     services.clock,

@@ -25,6 +25,10 @@ class Upstream:
     host_header: bytes
     ssl: ssl.SSLContext | None
     key: tuple[str, str, int, int] = field(init=False)
+    # Passive health (http/outliers.py): failures in a row, out of rotation until, times ejected.
+    failures: int = 0
+    ejected_until: float = 0.0
+    ejections: int = 0
 
     def __post_init__(self) -> None:
         self.key = (self.scheme, self.host, self.port, id(self.ssl))
@@ -39,16 +43,8 @@ class Route:
     host: str | None
     upstreams: list[Upstream]
     stages: list[Stage] = field(default_factory=list)
-    _next: int = 0
-
-    def pick(self) -> Upstream:
-        """Round robin over the route's upstreams."""
-        ups = self.upstreams
-        if len(ups) == 1:
-            return ups[0]
-        i = self._next
-        self._next = (i + 1) % len(ups)
-        return ups[i]
+    next_upstream: int = 0  # round robin (http/outliers.py picks)
+    ejections: int = 0
 
     def matches_host(self, host: str) -> bool:
         want = self.host

@@ -20,6 +20,17 @@ class Timeouts(Strict):
     total: Duration | None = Field(default=None, description="whole exchange with the upstream; none by default")
 
 
+class OutlierConfig(Strict):
+    """Passive health checks over a route's upstreams (as Envoy's outlier detection): an upstream that
+    failed this many times in a row (refused, reset, timed out: no response) is left out of the
+    rotation for `ejection`, longer each time it fails again on return, up to `max_ejection`."""
+
+    consecutive_failures: int = Field(default=5, ge=1)
+    ejection: Duration = 30.0
+    max_ejection: Duration = 300.0
+    max_ejected_percent: int = Field(default=50, ge=0, le=100, description="of the route's upstreams, at once")
+
+
 class CorsConfig(Strict):
     origins: list[str] = Field(description="allowed origins, or [\"*\"]")
     methods: list[str] = Field(default_factory=lambda: ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
@@ -50,6 +61,7 @@ class RouteConfig(Strict):
     env: Literal["live", "test"] | None = Field(default=None, description="accept only keys of this env")
     max_body: Size = Field(default=10 * 1024 * 1024, description="request body cap: 413 before any byte goes upstream")
     timeouts: Timeouts = Timeouts()
+    outlier: OutlierConfig = OutlierConfig()
     upstream_ca: str | None = Field(default=None, description="CA bundle to verify https upstreams (default: system)")
     websocket: bool = False
     cors: CorsConfig | None = None

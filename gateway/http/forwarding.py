@@ -9,6 +9,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from gateway.errors import DirectResponse, GatewayError
+from gateway.http import outliers
 from gateway.http.connection import D_LINGER, INF, PAUSE_BUFFER
 from gateway.http.exchange import Exchange
 from gateway.http.heads import request_head
@@ -16,6 +17,7 @@ from gateway.http.responses import Responses
 
 if TYPE_CHECKING:
     from gateway.http.upstream import UpstreamConnection
+    from gateway.routing import Upstream
 
 log = logging.getLogger("gateway.http")
 
@@ -63,7 +65,7 @@ class Forwarding(Responses):
     def _dispatch(self, ex: Exchange, fresh: bool) -> None:
         route = ex.route
         assert route is not None
-        up = route.pick()
+        up = outliers.pick(route, self.loop.time())
         if ex.expect_continue == 1 and ex.version == b"1.1" and not ex.body_received and not ex.body_complete:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         ex.expect_continue = 0
@@ -83,12 +85,13 @@ class Forwarding(Responses):
         else:
             self.server.spawn(self._connect(ex, up, head))
 
-    async def _connect(self, ex: Exchange, up: object, head: bytes) -> None:
+    async def _connect(self, ex: Exchange, up: Upstream, head: bytes) -> None:
         route = ex.route
         assert route is not None
         try:
-            conn = await self.server.pool.connect(up, route.config.timeouts.connect)  # type: ignore[arg-type]
+            conn = await self.server.pool.connect(up, route.config.timeouts.connect)
         except GatewayError as e:
+            outliers.failed(route, up, self.loop.time())
             if ex is self.active and not self.closed:
                 self._reject(ex, e)
             return
@@ -96,6 +99,7 @@ class Forwarding(Responses):
             conn.close()
             return
         if conn.closed:  # the upstream hung up between accepting and our first write
+            outliers.failed(route, up, self.loop.time())
             self.upstream_failed(ex, GatewayError("upstream_unavailable", "the upstream closed the connection"), False)
             return
         self._send(ex, conn, head)
@@ -111,11 +115,13 @@ class Forwarding(Responses):
     def upstream_failed(self, ex: Exchange, err: GatewayError, retry: bool) -> None:
         if ex is not self.active or self.closed:
             return
-        ex.upstream = None
+        conn, ex.upstream = ex.upstream, None
         if retry and not ex.retried and not ex.response_started and ex.method in IDEMPOTENT:
             ex.retried = True  # a pooled connection the upstream had already closed: one fresh try
             self._dispatch(ex, fresh=True)
             return
+        if conn is not None and not ex.response_started and ex.route is not None:
+            outliers.failed(ex.route, conn.upstream, self.loop.time())
         self._reject(ex, err)
 
     def start_tunnel(self, conn: UpstreamConnection) -> None:

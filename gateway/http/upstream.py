@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from gateway.errors import GatewayError
+from gateway.http import outliers
 from gateway.http.exchange import BODY_CHUNKED, Exchange
 from gateway.http.heads import response_headers
 
@@ -207,6 +208,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.head_bytes = 0
             return
         self.informational = False
+        outliers.answered(self.upstream)
         if status == 101:
             if not ex.upgrade:
                 raise httptools.HttpParserError("unsolicited 101")
