@@ -18,6 +18,7 @@ from gateway.http.outliers import EjectionMetrics
 from gateway.http.pool import UpstreamPool
 from gateway.http.server import ClientConnection
 from gateway.pipeline import Pipeline, Stage
+from gateway.ratelimit.failover import FailoverLimiter
 from gateway.routing import Route, Router, compile_route
 from gateway.services import Services
 from gateway.stages.auth import AuthStage
@@ -71,7 +72,10 @@ def build_routes(config: GatewayConfig, services: Services | None) -> list[Route
             stages.append(ScopeStage(rc.scopes, m))
             rl = config.ratelimit
             # Always present: a key's own limits apply even on routes without defaults.
-            stages.append(RateLimitStage(services.limiter, rc.name, rc.ratelimit, rl.owner_limits, m, rl.legacy_headers))
+            limiter = services.limiter
+            if rc.ratelimit_on_backend_error is not None and isinstance(limiter, FailoverLimiter):
+                limiter = limiter.with_policy(rc.ratelimit_on_backend_error)
+            stages.append(RateLimitStage(limiter, rc.name, rc.ratelimit, rl.owner_limits, m, rl.legacy_headers))
             stages.append(IdentityStage(signing, config.identity.lifetime, services.clock))
         route.stages = stages
         routes.append(route)

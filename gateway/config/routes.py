@@ -57,6 +57,9 @@ class RouteConfig(Strict):
     auth: Literal["required", "optional", "none"] = "required"
     scopes: dict[str, list[str]] | list[str] = Field(default_factory=list)
     ratelimit: list[str] = Field(default_factory=list)
+    ratelimit_on_backend_error: Literal["local", "open", "closed"] | None = Field(
+        default=None, description="this route's ratelimit.on_backend_error"
+    )
     query_key_policy: Literal["reject", "warn"] | None = None
     env: Literal["live", "test"] | None = Field(default=None, description="accept only keys of this env")
     max_body: Size = Field(default=10 * 1024 * 1024, description="request body cap: 413 before any byte goes upstream")

@@ -37,17 +37,25 @@ class FailoverLimiter(Limiter):
         self._last_log = 0.0
 
     def hit(self, counters: Counters, cost: int = 1) -> Decision | Awaitable[Decision]:
-        if self.clock.time() < self.down_until:
-            return self._fallback(counters, cost)
-        return self._try(counters, cost)
+        return self.decide(counters, cost, self.policy)
 
-    async def _try(self, counters: Counters, cost: int) -> Decision:
+    def with_policy(self, policy: str) -> Limiter:
+        """This limiter, with another failure policy (a route's `ratelimit_on_backend_error`): the
+        backend's health and the local counters stay shared."""
+        return _Policy(self, policy)
+
+    def decide(self, counters: Counters, cost: int, policy: str) -> Decision | Awaitable[Decision]:
+        if self.clock.time() < self.down_until:
+            return self._fallback(counters, cost, policy)
+        return self._try(counters, cost, policy)
+
+    async def _try(self, counters: Counters, cost: int, policy: str) -> Decision:
         try:
             result = self.primary.hit(counters, cost)
             decision = result if isinstance(result, Decision) else await result
         except LimiterUnavailable as e:
             self._failed(str(e))
-            return self._fallback(counters, cost)
+            return self._fallback(counters, cost, policy)
         if self.down_until:
             self.down_until = 0.0
             self.degraded.set(0)
@@ -60,12 +68,12 @@ class FailoverLimiter(Limiter):
         self.degraded.set(1)
         if now - self._last_log > 60:
             self._last_log = now
-            log.error("rate-limit backend failed (%s); policy %r applies until it answers again", why, self.policy)
+            log.error("rate-limit backend failed (%s); the failure policy applies until it answers again", why)
 
-    def _fallback(self, counters: Counters, cost: int) -> Decision:
-        if self.policy == "closed":
+    def _fallback(self, counters: Counters, cost: int, policy: str) -> Decision:
+        if policy == "closed":
             raise GatewayError("service_unavailable", "rate limits cannot be checked right now; try again shortly")
-        if self.policy == "open":
+        if policy == "open":
             return Decision(True, [])
         shares = self._shares
         local = []
@@ -78,3 +86,14 @@ class FailoverLimiter(Limiter):
 
     async def close(self) -> None:
         await self.primary.close()
+
+
+class _Policy(Limiter):
+    """A FailoverLimiter seen with another failure policy."""
+
+    def __init__(self, failover: FailoverLimiter, policy: str) -> None:
+        self.failover = failover
+        self.policy = policy
+
+    def hit(self, counters: Counters, cost: int = 1) -> Decision | Awaitable[Decision]:
+        return self.failover.decide(counters, cost, self.policy)

@@ -350,3 +350,30 @@ async def test_replica_clocks_do_not_matter(start: Start, redis_url: str, up: Re
         statuses.append((await call(gw, "GET", "/orders/x", bearer(key))).status)
     assert statuses == [200] * 10 + [429] * 4
     assert len(up.requests) == 10
+
+
+async def test_a_route_may_choose_its_own_failure_policy(
+    tmp_path: Path, up: RecordingUpstream, clock: FakeClock
+) -> None:
+    routes = [
+        {"name": "orders", "path": "/orders", "upstream": up.url, "ratelimit": ["10/minute"]},
+        {"name": "pay", "path": "/pay", "upstream": up.url, "ratelimit": ["10/minute"],
+         "ratelimit_on_backend_error": "closed"},
+        {"name": "feed", "path": "/feed", "upstream": up.url, "ratelimit": ["10/minute"],
+         "ratelimit_on_backend_error": "open"},
+    ]
+    rl = {"backend": closed_port_url(), "on_backend_error": "local", "replicas": 2, "timeout": "50ms"}
+    data = config_data(f"sqlite:///{tmp_path / 'keys.db'}", up.url, routes, ratelimit=rl)
+    gw = await start_gateway(validate(data), clock=clock)
+    try:
+        _, key = await gw.services.keys.create(owner())
+        pay = [(await call(gw, "GET", "/pay/x", bearer(key))) for _ in range(3)]
+        for r in pay:
+            problem(r, 503, "service_unavailable")
+        assert [(await call(gw, "GET", "/feed/x", bearer(key))).status for _ in range(12)] == [200] * 12
+        orders = [(await call(gw, "GET", "/orders/x", bearer(key))).status for _ in range(7)]
+        assert orders == [200] * 5 + [429] * 2  # the global policy: this replica's share, 10 / 2
+        assert degraded(gw) == 1
+        assert not any(r.target.startswith(b"/pay") for r in up.requests)
+    finally:
+        await gw.close()
