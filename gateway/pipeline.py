@@ -81,9 +81,12 @@ class Pipeline:
             raise GatewayError("invalid_path", e.detail) from None
         ex.query = query
         route = self.router.match(ex.path, method, host)
-        if b";" in ex.path and self.router.match_or_none(without_parameters(ex.path), method, host) is not route:
-            # An upstream that drops path parameters (Tomcat, Spring) reads `/admin;x` as `/admin`:
-            # served under another route's auth here, it would be a bypass there.
+        if (b";" in ex.path or b"%3B" in ex.path) and self.router.match_or_none(
+            without_parameters(ex.path.replace(b"%3B", b";")), method, host
+        ) is not route:
+            # An upstream that drops path parameters (Tomcat, Spring) reads `/admin;x` as `/admin`, and
+            # one that decodes first does the same with `/admin%3Bx`: served under another route's
+            # auth here, it would be a bypass there.
             raise GatewayError("invalid_path", "the path's ';' parameters would give it another route")
         if ex.upgrade:
             upgrade = (ex.header(b"upgrade") or b"").strip().lower()

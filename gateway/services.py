@@ -41,7 +41,7 @@ TOUCH_CHUNK = 500  # keys per last-used write
 def build_limiter(
     config: GatewayConfig, clock: Clock, metrics: Metrics, shared: SharedLimiter | None = None, workers: int = 1
 ) -> Limiter:
-    """memory:// (embedded; a worker's is its supervisor's, reached through `shared`) or redis://, each
+    """memory:// (embedded; a worker's is the limits process's, reached through `shared`) or redis://, each
     shared one behind the configured failure policy."""
     rl = config.ratelimit
     if rl.backend.startswith("memory"):
@@ -93,10 +93,11 @@ class Services:
             keys.query.names,
             keys.warn_before,
         )
-        # A poll every sync_interval, plus a margin for the poll itself.
-        propagation = keys.sync_interval + 0.05
+        # A poll every sync_interval: two of them leave room for a poll that began just before the write
+        # and for a busy event loop.
+        propagation = 2 * keys.sync_interval
         self.keys = KeyService(store, self.peppers, keys.prefix, clock, keys.default_ttl, self.cache, propagation)
-        # Under --workers N with memory://, limits and the failed-auth count live in the supervisor.
+        # Under --workers N, the failed-auth count (and memory:// limits) live in the limits process.
         self.shared = shared = SharedLimiter(link.sock, config.ratelimit.timeout) if link is not None else None
         workers = link.workers if link is not None else 1
         self.limiter = build_limiter(config, clock, metrics, shared, workers)
@@ -212,8 +213,12 @@ class Services:
         for task in (self._flusher, self._rollups, self._key_sync):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # a background task that failed must not fail the shutdown's flush
+                    log.exception("a background task had failed")
         if self.usage is not None:
             await self.usage.close()
         await self.tasks.cancel_all()

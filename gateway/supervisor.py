@@ -20,10 +20,8 @@ from gateway.app import Gateway, StartupError, open_services, shown_address
 from gateway.config.schema import GatewayConfig
 from gateway.fleet_metrics import FleetCollector
 from gateway.keys.peppers import PepperMissing, load_peppers
-from gateway.ratelimit.host import LimiterHost
-from gateway.ratelimit.memory import MemoryLimiter
+from gateway.ratelimit.host import serve_limits
 from gateway.ratelimit.shared import WorkerLink
-from gateway.stages.throttle import AuthThrottle
 
 log = logging.getLogger("gateway")
 
@@ -47,8 +45,26 @@ def supervise(config: GatewayConfig, workers: int) -> int:
     children: list[int] = []
     metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
     ready_r, ready_w = os.pipe()
-    # memory://: the counters live here, and each worker asks over a socket pair of its own (shared.py).
-    pairs = [socket.socketpair() for _ in range(workers)] if config.ratelimit.backend.startswith("memory") else []
+    # The limits process (ratelimit/host.py) holds the memory:// counters and the failed-auth count for
+    # every worker; each worker asks it over a socket pair of its own (ratelimit/shared.py).
+    pairs = [socket.socketpair() for _ in range(workers)]
+    limits = os.fork()
+    if limits == 0:
+        code = 1
+        try:
+            probe.close()
+            os.close(ready_r)
+            os.close(ready_w)
+            for _, worker_end in pairs:
+                worker_end.close()
+            code = serve_limits(config.auth, [host_end for host_end, _ in pairs])
+        except BaseException:
+            log.exception("the limits process failed")
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    for host_end, _ in pairs:
+        host_end.close()
     for i in range(workers):
         pid = os.fork()
         if pid == 0:
@@ -60,8 +76,7 @@ def supervise(config: GatewayConfig, workers: int) -> int:
             worker = Gateway(config, admin=False)
             worker.ready_fd = ready_w
             worker.metrics_dir = metrics_dir
-            for j, (host_end, worker_end) in enumerate(pairs):
-                host_end.close()
+            for j, (_, worker_end) in enumerate(pairs):
                 if j == i:
                     worker.limiter_link = WorkerLink(worker_end, workers)
                 else:
@@ -84,9 +99,9 @@ def supervise(config: GatewayConfig, workers: int) -> int:
     for _, worker_end in pairs:
         worker_end.close()
     try:
-        return asyncio.run(_supervisor_loop(config, children, ready_r, metrics_dir, [h for h, _ in pairs]))
+        return asyncio.run(_supervisor_loop(config, children, limits, ready_r, metrics_dir))
     except BaseException:
-        _stop_workers(children, config.shutdown_timeout + config.shutdown_delay + 5)
+        _stop_workers([*children, limits], config.shutdown_timeout + config.shutdown_delay + 5)
         raise
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -139,13 +154,12 @@ async def _workers_listening(fd: int, workers: int) -> bool:
 
 
 async def _supervisor_loop(
-    config: GatewayConfig, children: list[int], ready_fd: int, metrics_dir: Path, limiter_ends: list[socket.socket]
+    config: GatewayConfig, children: list[int], limits: int, ready_fd: int, metrics_dir: Path
 ) -> int:
     gw = Gateway(config)
     gw.services = await open_services(config)
-    host = LimiterHost(MemoryLimiter(gw.services.clock), AuthThrottle(config.auth, gw.services.clock))
-    for sock in limiter_ends:
-        await host.serve(sock)
+    # The admin API here authenticates keys too: it must hear of revocations made elsewhere.
+    key_sync = asyncio.ensure_future(gw.services.key_changes.run())
     gw.metrics_registry = CollectorRegistry(auto_describe=False)
     gw.metrics_registry.register(FleetCollector(metrics_dir, live=gw.services.metrics.registry))
     stopping = asyncio.Event()
@@ -153,7 +167,7 @@ async def _supervisor_loop(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await gw.start_admin()
-    alive = set(children)
+    alive = {*children, limits}
 
     async def until_listening() -> None:
         if await _workers_listening(ready_fd, len(children)) and not stopping.is_set():
@@ -172,7 +186,8 @@ async def _supervisor_loop(
                     alive.discard(pid)
                     if not stopping.is_set():
                         failed = True
-                        log.error("worker %d exited (status %d); stopping", pid, status)
+                        what = "the limits process" if pid == limits else f"worker {pid}"
+                        log.error("%s exited (status %d); stopping", what, status)
                         stopping.set()
             await asyncio.sleep(0.1)
 
@@ -181,13 +196,14 @@ async def _supervisor_loop(
     readiness.cancel()
     gw.state.update(ready=False, reason="draining")
     for pid in alive:
-        os.kill(pid, signal.SIGTERM)
+        if pid != limits:  # it ignores SIGTERM, and exits once every worker has gone
+            os.kill(pid, signal.SIGTERM)
     try:
         await asyncio.wait_for(reaper, config.shutdown_timeout + config.shutdown_delay + 5)
     except TimeoutError:
         for pid in alive:
             os.kill(pid, signal.SIGKILL)
-    host.close()
+    key_sync.cancel()
     if gw.admin_runner is not None:
         await gw.admin_runner.cleanup()
     if gw.services is not None:

@@ -91,6 +91,7 @@ class KeyCache:
         self.positive: OrderedDict[bytes, CachedKey] = OrderedDict()
         self.negative: OrderedDict[bytes, float] = OrderedDict()
         self.by_id: dict[str, bytes] = {}
+        self.generation = 0  # invalidations so far: a read that overlapped one is not cached
         self.inflight: dict[bytes, asyncio.Future[CachedKey | None]] = {}
         self.store_calls = 0
 
@@ -131,6 +132,7 @@ class KeyCache:
 
     async def _fetch(self, key: bytes, digest: bytes) -> CachedKey | None:
         now = self.clock.time()
+        generation = self.generation
         versions = self.peppers.digests(key)
         try:
             self.store_calls += 1
@@ -151,6 +153,10 @@ class KeyCache:
             return None
         if record.pepper_version != self.peppers.current.version:
             await self._redigest(record, digest)
+        if self.generation != generation:
+            # A key changed while this read was under way (a revocation read from the change feed, say):
+            # the record may predate it. Serve this request with it, but cache nothing read before.
+            return CachedKey(record, now)
         old = self.positive.get(digest)
         if old is not None and _unchanged(old.record, record):
             # The old entry lives on, and what stages built from its record (limit plans): a new one
@@ -181,7 +187,8 @@ class KeyCache:
             self.by_id.pop(old.record.id, None)
 
     def invalidate(self, key_id: str) -> None:
-        """Forget a key changed or revoked in this process: the next request reads the store."""
+        """Forget a changed or revoked key: the next request reads the store."""
+        self.generation += 1
         digest = self.by_id.pop(key_id, None)
         if digest is not None:
             self.positive.pop(digest, None)

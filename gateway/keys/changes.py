@@ -7,16 +7,17 @@ its audit entry in one transaction, so the audit log is a feed of changes: each 
 reads the entries written since it last looked, every `keys.sync_interval` (a quarter second by
 default), and forgets those keys; the next request with one reads the store.
 
-Ids of entries committed out of order (PostgreSQL hands out ids before commit) are caught by also
-reading entries written in the last LOOKBACK seconds; ids already applied are skipped. A store that
-cannot be read leaves the cache TTL as the bound, as before.
+Entries are read by id, a page at a time (an index range, however long the log). PostgreSQL hands
+out ids before commit, so a later id can be read before an earlier one exists: each id skipped is
+remembered for LOOKBACK seconds and looked up again at every poll until it appears (or, taken by a
+transaction that rolled back, never does). A store that cannot be read leaves the cache's own
+bounds: entries are re-read after keys.cache_ttl, or served up to keys.max_stale while it is down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
 
 from prometheus_client import Histogram
 
@@ -27,6 +28,8 @@ from gateway.store.base import KeyStore, StoreUnavailable
 
 log = logging.getLogger("gateway.keys")
 LOOKBACK = 10.0  # seconds: longer than any key-change transaction stays open
+PAGE = 1000  # entries read at once
+MAX_GAPS = 10_000  # skipped ids remembered at most
 
 
 class KeyChanges:
@@ -36,7 +39,7 @@ class KeyChanges:
         self.clock = clock
         self.interval = interval
         self.last_id = -1  # not read yet: start from the newest entry
-        self.applied: dict[int, float] = {}  # ids seen within LOOKBACK, and when
+        self.gaps: dict[int, float] = {}  # ids skipped (not committed when read past), and when
         self._last_error = 0.0
         self.propagation = Histogram(
             "gateway_key_change_propagation_seconds",
@@ -49,32 +52,48 @@ class KeyChanges:
         while True:
             try:
                 await self.poll()
-            except StoreUnavailable as e:
+            except Exception as e:  # whatever it was, the next poll tries again: this loop never ends early
                 now = self.clock.time()
                 if now - self._last_error > 60:
                     self._last_error = now
-                    log.warning("key changes could not be read (%s); cached keys expire after keys.cache_ttl", e)
+                    log.warning(
+                        "key changes could not be read (%s); cached keys are re-read after keys.cache_ttl",
+                        e if isinstance(e, StoreUnavailable) else type(e).__name__,
+                    )
             await asyncio.sleep(self.interval)
 
     async def poll(self) -> None:
         """Forget every key changed since the last poll."""
+        store = self.store
+        if self.last_id < 0:  # what is older than this process's first read is older than its cache
+            [(self.last_id, _, _)] = await store.key_changes(-1)
+            return
         now = self.clock.time()
-        since = self.clock.now() - timedelta(seconds=LOOKBACK)
-        first = self.last_id < 0
-        if first:  # entries up to here are older than anything this process could have cached
-            [(self.last_id, _, _)] = await self.store.key_changes(-1, since)
-        start = self.last_id
-        rows = await self.store.key_changes(start, since)
-        applied = self.applied
-        for entry_id, key_id, written in rows:
-            if entry_id in applied:
-                continue
-            applied[entry_id] = now
-            if entry_id > self.last_id:
-                self.last_id = entry_id
-            if first and entry_id <= start:
-                continue
+        while True:
+            page = await store.key_changes(self.last_id, PAGE)
+            expected = self.last_id + 1
+            for entry_id, key_id, written in page:
+                if entry_id - expected <= MAX_GAPS:
+                    for skipped in range(expected, entry_id):
+                        self.gaps[skipped] = now
+                expected = entry_id + 1
+                self._apply(key_id, now, written)
+            if page:
+                self.last_id = page[-1][0]
+            if len(page) < PAGE:
+                break
+        gaps = self.gaps
+        if gaps:
+            for entry_id, key_id, written in await store.key_changes_among(list(gaps)):
+                del gaps[entry_id]
+                self._apply(key_id, now, written)
+            expired = [i for i, seen in gaps.items() if now - seen > LOOKBACK]
+            for i in expired:
+                del gaps[i]
+            while len(gaps) > MAX_GAPS:
+                del gaps[next(iter(gaps))]
+
+    def _apply(self, key_id: str, now: float, written: float) -> None:
+        if key_id:  # entries about no key (a failed admin login) change nothing here
             self.cache.invalidate(key_id)
             self.propagation.observe(max(0.0, now - written))
-        if applied:  # an id leaves the lookback LOOKBACK after it was written, before it was seen
-            self.applied = {i: t for i, t in applied.items() if now - t <= LOOKBACK * 2}

@@ -1,10 +1,10 @@
-"""The frames between a worker and its supervisor (`shared.py`, `host.py`), over a socket pair.
+"""The frames between a worker and the limits process (`shared.py`, `host.py`), over a socket pair.
 
 Frames, both ways: a 4-byte sequence number, a 4-byte length, then a marshal body. A request is a
 list of (counters, cost). The counters are the marshal of (storage keys, ((name, count, period), ...)),
 encoded once for each Counters object. A reply is a list with one item per hit:
 [allowed, remaining, reset, retry, remaining, reset, retry, ...]. Sequence number 0 is not a request:
-from a worker, a list of client addresses that failed to authenticate; from the supervisor, a list
+from a worker, a list of client addresses that failed to authenticate; from the limits process, a list
 of (address, cooled down until, in epoch seconds).
 """
 

@@ -1,12 +1,23 @@
-"""The supervisor's end of `shared.py`: one MemoryLimiter deciding for every worker, and one
-brute-force throttle counting every worker's failed authentications."""
+"""The other end of `shared.py`: one MemoryLimiter deciding for every worker, and one brute-force
+throttle counting every worker's failed authentications, in a process of their own.
+
+The supervisor forks it before the workers. Not the supervisor's own event loop: that one also serves
+the admin API, and an answer such as the list of 100,000 keys held it for a third of a second (its
+JSON is encoded in one C call, which keeps the GIL), past every worker's `ratelimit.timeout`. The
+process ignores SIGTERM and SIGINT, so it keeps answering while the workers drain, and exits once
+every worker's end has closed.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import marshal
+import signal
 import socket
 
+from gateway.clock import Clock
+from gateway.config.schema import AuthThrottleConfig
 from gateway.ratelimit.base import Counters
 from gateway.ratelimit.frames import NOTICE, Frames
 from gateway.ratelimit.memory import MemoryLimiter
@@ -20,6 +31,9 @@ class _HostEnd(Frames):
     def __init__(self, host: LimiterHost) -> None:
         super().__init__()
         self.host = host
+
+    def on_lost(self) -> None:
+        self.host.lost(self)
 
     def on_frame(self, seq: int, body: bytes) -> None:
         try:
@@ -42,12 +56,20 @@ class LimiterHost:
         self._counters: dict[bytes, Counters] = {}
         self._limits: dict[tuple[str, int, int], Limit] = {}
         self._ends: list[_HostEnd] = []
+        self._open = 0
+        self.all_closed = asyncio.Event()
 
     async def serve(self, sock: socket.socket) -> None:
         """Answer the worker at the other end of `sock` until it closes."""
         loop = asyncio.get_running_loop()
         _, end = await loop.create_unix_connection(lambda: _HostEnd(self), sock=sock)
         self._ends.append(end)
+        self._open += 1
+
+    def lost(self, end: _HostEnd) -> None:
+        self._open -= 1
+        if self._open <= 0:
+            self.all_closed.set()
 
     def answer(self, body: bytes) -> bytes:
         hit, decoded = self.limiter.hit, self._counters
@@ -105,3 +127,23 @@ class LimiterHost:
             if end.transport is not None:
                 end.transport.close()
         self._ends.clear()
+
+
+def serve_limits(cfg: AuthThrottleConfig, socks: list[socket.socket]) -> int:
+    """The limits process: answer the workers until the last of them has gone."""
+    from gateway.app import install_uvloop
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    install_uvloop()
+    return asyncio.run(_serve(cfg, socks))
+
+
+async def _serve(cfg: AuthThrottleConfig, socks: list[socket.socket]) -> int:
+    clock = Clock()
+    host = LimiterHost(MemoryLimiter(clock), AuthThrottle(cfg, clock))
+    for sock in socks:
+        await host.serve(sock)
+    gc.freeze()  # what start-up made is never garbage: full collections walk only the counters
+    await host.all_closed.wait()
+    return 0

@@ -1,15 +1,16 @@
-"""`memory://` under `gateway run --workers N`: the supervisor holds the counters, the workers ask it.
+"""`memory://` under `gateway run --workers N`: a limits process holds the counters, the workers ask it.
 
 Each worker used to keep counters of its own, so a key admitted N times its limits across N workers:
-the kernel spreads a client's connections over them (SO_REUSEPORT). Now the supervisor runs the one
-MemoryLimiter, and each worker reaches it over a Unix socket pair made before the fork. As with
-Redis, every hit of one event-loop tick goes in one frame, and the supervisor answers each frame
-with one. A worker whose supervisor does not answer within `ratelimit.timeout` applies
-`ratelimit.on_backend_error`, its share being the limit ÷ the number of workers.
+the kernel spreads a client's connections over them (SO_REUSEPORT). Now one process beside the
+workers, forked by the supervisor (`host.py`), runs the one MemoryLimiter, and each worker reaches
+it over a Unix socket pair made before the fork. As with Redis, every hit of one event-loop tick goes
+in one frame, and each frame is answered with one. A worker whose answer does not come within
+`ratelimit.timeout` applies `ratelimit.on_backend_error`, its share being the limit ÷ the number of
+workers.
 
-The brute-force throttle is shared the same way: a worker reports each failed authentication, the
-supervisor counts them per client address for all workers, and when an address is to cool down it
-tells every worker, whose own check stays a dict lookup.
+The brute-force throttle is shared the same way, whatever the limiter's backend: a worker reports
+each failed authentication, the limits process counts them per client address for all workers, and
+when an address is to cool down it tells every worker, whose own check stays a dict lookup.
 
 Both ends are this gateway's own processes (a pair made before the fork, never a listening socket);
 marshal, not pickle, because the bodies are plain data and marshal calls no constructor.
@@ -33,7 +34,8 @@ Entry = tuple[Counters, int, "asyncio.Future[Decision]"]
 
 @dataclass(frozen=True)
 class WorkerLink:
-    """What a worker gets from the supervisor: its end of the socket pair, and how many workers share."""
+    """What a worker gets from the supervisor: its end of the socket pair to the limits process, and how
+    many workers share."""
 
     sock: socket.socket
     workers: int
@@ -55,7 +57,7 @@ class _WorkerEnd(Frames):
 
 
 class SharedLimiter(Limiter):
-    """A worker's limiter: the hits of one tick go to the supervisor in one frame."""
+    """A worker's limiter: the hits of one tick go to the limits process in one frame."""
 
     def __init__(self, sock: socket.socket, timeout: float) -> None:
         self.sock = sock
@@ -72,7 +74,7 @@ class SharedLimiter(Limiter):
         self.on_block: Callable[[str, float], None] | None = None  # the worker's throttle, told of cool-downs
 
     def report_failure(self, ip: str) -> None:
-        """A failed authentication from `ip`, for the supervisor's count (sent with this tick's hits)."""
+        """A failed authentication from `ip`, for the limits process's count (sent with this tick's hits)."""
         if self._closed:
             return
         self._failures.append(ip)
@@ -84,7 +86,7 @@ class SharedLimiter(Limiter):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Decision] = loop.create_future()
         if self._closed or (self._end is not None and self._end.lost):
-            fut.set_exception(LimiterUnavailable("supervisor: not reachable"))
+            fut.set_exception(LimiterUnavailable("limits process: not reachable"))
             return fut
         self._queue.append((counters, cost, fut))
         if not self._flush_scheduled:
@@ -110,7 +112,7 @@ class SharedLimiter(Limiter):
         if not batch:
             return
         if end.lost:
-            _fail(batch, LimiterUnavailable("supervisor: not reachable"))
+            _fail(batch, LimiterUnavailable("limits process: not reachable"))
             return
         self._seq = seq = self._seq % 0xFFFFFFFF + 1  # 1..2^32-1: 0 is NOTICE
         body = marshal.dumps([(c.encoded or _encode(c), cost) for c, cost, _ in batch])
@@ -121,7 +123,7 @@ class SharedLimiter(Limiter):
         self._pending[seq] = (batch, loop.call_at(deadline, self._expired, seq, deadline, True))
 
     async def connect(self) -> None:
-        """Start reading the supervisor's end now, not at the first hit: a worker that never failed an
+        """Start reading the limits process's end now, not at the first hit: a worker that never failed an
         authentication nor hit a limit must still hear of the addresses it is to cool down."""
         if self._end is None and not self._connecting and not self._closed:
             self._connecting = True
@@ -134,7 +136,7 @@ class SharedLimiter(Limiter):
         except OSError as e:
             self._closed = True
             queued, self._queue = self._queue, []
-            _fail(queued, LimiterUnavailable(f"supervisor: {type(e).__name__}"))
+            _fail(queued, LimiterUnavailable(f"limits process: {type(e).__name__}"))
             return
         finally:
             self._connecting = False
@@ -151,9 +153,9 @@ class SharedLimiter(Limiter):
             self._pending[seq] = (entry[0], loop.call_later(self.timeout, self._expired, seq, deadline, False))
             return
         del self._pending[seq]
-        # The supervisor may still decide these hits and answer: that answer is dropped (as a slow
+        # The limits process may still decide these hits and answer: that answer is dropped (as a slow
         # Redis's is), and the failure policy decides them now.
-        _fail(entry[0], LimiterUnavailable("supervisor: timeout"))
+        _fail(entry[0], LimiterUnavailable("limits process: timeout"))
 
     def _answered(self, seq: int, body: bytes) -> None:
         entry = self._pending.pop(seq, None)
@@ -162,9 +164,9 @@ class SharedLimiter(Limiter):
         batch, timer = entry
         timer.cancel()
         try:
-            replies = marshal.loads(body)  # noqa: S302 - from our own supervisor, over a socket pair
+            replies = marshal.loads(body)  # noqa: S302 - from our own limits process, over a socket pair
         except (ValueError, EOFError, TypeError):
-            _fail(batch, LimiterUnavailable("supervisor: unreadable answer"))
+            _fail(batch, LimiterUnavailable("limits process: unreadable answer"))
             return
         for (counters, _, fut), reply in zip(batch, replies, strict=False):
             if fut.done():
@@ -177,15 +179,15 @@ class SharedLimiter(Limiter):
                     i += 3
                 fut.set_result(Decision(bool(reply[0]), outcomes))
             except (TypeError, IndexError):  # never a hang
-                fut.set_exception(LimiterUnavailable("supervisor: unexpected answer"))
-        _fail(batch[len(replies) :], LimiterUnavailable("supervisor: answer too short"))
+                fut.set_exception(LimiterUnavailable("limits process: unexpected answer"))
+        _fail(batch[len(replies) :], LimiterUnavailable("limits process: answer too short"))
 
     def _blocked(self, body: bytes) -> None:
         on_block = self.on_block
         if on_block is None:
             return
         try:
-            notices = marshal.loads(body)  # noqa: S302 - from our own supervisor, over a socket pair
+            notices = marshal.loads(body)  # noqa: S302 - from our own limits process, over a socket pair
             for ip, until in notices:
                 on_block(ip, until)
         except (ValueError, EOFError, TypeError):
@@ -195,9 +197,9 @@ class SharedLimiter(Limiter):
         pending, self._pending = self._pending, {}
         for batch, timer in pending.values():
             timer.cancel()
-            _fail(batch, LimiterUnavailable("supervisor: not reachable"))
+            _fail(batch, LimiterUnavailable("limits process: not reachable"))
         queued, self._queue = self._queue, []
-        _fail(queued, LimiterUnavailable("supervisor: not reachable"))
+        _fail(queued, LimiterUnavailable("limits process: not reachable"))
 
     async def close(self) -> None:
         self._closed = True

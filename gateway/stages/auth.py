@@ -61,6 +61,26 @@ def _scrub_lookalikes(ex: Exchange, fmt: KeyFormat) -> None:
         headers[i] = (name, value)
 
 
+def _holds_a_key(query: bytes, fmt: KeyFormat) -> bool:
+    """Whether the query, decoded once as its reader will, holds one of our keys anywhere."""
+    text = unquote_to_bytes(query.replace(b"+", b" "))
+    for m in fmt.marks:
+        start = text.find(m)
+        while start != -1:
+            if fmt.env_of(text[start : start + fmt.length]) is not None:
+                return True
+            start = text.find(m, start + 1)
+    return False
+
+
+def _query_refusal() -> GatewayError:
+    return GatewayError(
+        "api_key_in_query",
+        "API keys are not accepted in the URL, where logs and proxies keep them; "
+        "send it in the Authorization: Bearer or X-API-Key header",
+    )
+
+
 def _invalid() -> GatewayError:
     return GatewayError("invalid_api_key", "the API key is not valid")
 
@@ -250,17 +270,15 @@ class AuthStage:
             else:
                 kept.append(part)
         if not keys:
+            if _holds_a_key(ex.query, fmt):
+                # Inside another parameter (`a=1;api_key=…`, `q=Bearer …`, a URL in `next=`): it cannot
+                # be taken out without changing that parameter, so it is refused under either policy.
+                self._query_rejected.inc()
+                raise self.auth.reject("query", _query_refusal())
             return header_key
         if self.query_policy == "reject":
             self._query_rejected.inc()
-            raise self.auth.reject(
-                "query",
-                GatewayError(
-                    "api_key_in_query",
-                    "API keys are not accepted in the URL, where logs and proxies keep them; "
-                    "send it in the Authorization: Bearer or X-API-Key header",
-                ),
-            )
+            raise self.auth.reject("query", _query_refusal())
         if len(keys) > 1 or (header_key is not None and keys[0] != header_key):
             raise self.auth.reject(
                 "ambiguous", GatewayError("multiple_api_keys", "send exactly one API key, in one header")

@@ -98,11 +98,16 @@ class KeyStore(ABC):
         """Entries newest first."""
 
     @abstractmethod
-    async def key_changes(self, after_id: int, since: datetime, limit: int = 10_000) -> list[tuple[int, str, float]]:
-        """(audit id, key id, epoch time written) of the entries about a key with an id past `after_id` or written at or
-        after `since`, oldest first: every change to a key is audited in its own transaction, so this
-        is the feed other processes read changes from (keys/changes.py). `after_id` -1: the last id
-        only, as (id, "", 0.0), where a reader starts."""
+    async def key_changes(self, after_id: int, limit: int = 1000) -> list[tuple[int, str, float]]:
+        """(audit id, key id or "", epoch time written) of the audit entries with an id past
+        `after_id`, oldest first, at most `limit`: every change to a key is audited in its own
+        transaction, so this is the feed other processes read changes from (keys/changes.py).
+        `after_id` -1: the newest entry's id only, as (id, "", 0.0), where a reader starts."""
+
+    @abstractmethod
+    async def key_changes_among(self, ids: list[int]) -> list[tuple[int, str, float]]:
+        """The same, for the entries with these ids that exist by now (ids a reader skipped: taken by
+        a transaction that had not committed yet, or by one that rolled back)."""
 
 
 class UsageStore(ABC):

@@ -142,18 +142,23 @@ class PostgresKeys(PostgresPool):
         return [_audit_from_row(r) for r in rows]
 
 
-    async def key_changes(self, after_id: int, since: datetime, limit: int = 10_000) -> list[tuple[int, str, float]]:
+    async def key_changes(self, after_id: int, limit: int = 1000) -> list[tuple[int, str, float]]:
         async with self._connection() as conn:
             if after_id < 0:
                 return [(int(await conn.fetchval("SELECT coalesce(max(id), 0) FROM audit_log")), "", 0.0)]
             rows = await conn.fetch(
-                "SELECT id, key_id, at FROM audit_log WHERE key_id IS NOT NULL AND (id > $1 OR at >= $2) "
-                "ORDER BY id LIMIT $3",
-                after_id,
-                since,
-                limit,
+                "SELECT id, key_id, at FROM audit_log WHERE id > $1 ORDER BY id LIMIT $2", after_id, limit
             )
-        return [(int(r["id"]), str(r["key_id"]), r["at"].timestamp()) for r in rows]
+        return [(int(r["id"]), r["key_id"] or "", r["at"].timestamp()) for r in rows]
+
+    async def key_changes_among(self, ids: list[int]) -> list[tuple[int, str, float]]:
+        if not ids:
+            return []
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id, key_id, at FROM audit_log WHERE id = ANY($1::bigint[]) ORDER BY id", ids
+            )
+        return [(int(r["id"]), r["key_id"] or "", r["at"].timestamp()) for r in rows]
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # class 57: shutdown, cannot connect now, cancelled
     asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full
     asyncpg.exceptions.ReadOnlySQLTransactionError,  # a standby after failover
+    asyncpg.exceptions.InternalClientError,  # a connection left mid-operation as the server went away
 )
 # Refused, timed out, unknown database, authentication failed: not reachable for us.
 OPEN_ERRORS: tuple[type[BaseException], ...] = (*UNAVAILABLE, asyncpg.PostgresError)

@@ -168,18 +168,29 @@ class SQLiteKeys(SQLiteWorker):
         return await self._run(list_)
 
 
-    async def key_changes(self, after_id: int, since: datetime, limit: int = 10_000) -> list[tuple[int, str, float]]:
+    async def key_changes(self, after_id: int, limit: int = 1000) -> list[tuple[int, str, float]]:
         def read(conn: sqlite3.Connection) -> list[tuple[int, str, float]]:
             if after_id < 0:
                 return [(conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()[0], "", 0.0)]
             rows = conn.execute(
-                "SELECT id, key_id, at FROM audit_log WHERE key_id IS NOT NULL AND (id > ? OR at >= ?) "
-                "ORDER BY id LIMIT ?",
-                (after_id, ts(since), limit),
+                "SELECT id, key_id, at FROM audit_log WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
             ).fetchall()
-            return [(int(i), str(k), datetime.fromisoformat(at).timestamp()) for i, k, at in rows]
+            return _changes(rows)
 
         return await self._run(read)
+
+    async def key_changes_among(self, ids: list[int]) -> list[tuple[int, str, float]]:
+        def read(conn: sqlite3.Connection) -> list[tuple[int, str, float]]:
+            rows: list[Any] = []
+            for i in range(0, len(ids), 500):  # SQLite's bound on parameters
+                chunk = ids[i : i + 500]
+                rows += conn.execute(
+                    f"SELECT id, key_id, at FROM audit_log WHERE id IN ({', '.join('?' * len(chunk))}) ORDER BY id",  # noqa: S608
+                    chunk,
+                ).fetchall()
+            return _changes(rows)
+
+        return await self._run(read) if ids else []
 
 
 # --- helpers (they run on the worker thread) -------------------------------------------------------
@@ -219,6 +230,10 @@ def _update_key(
         raise _conflict(exc, record) from None
     if cursor.rowcount == 0:
         raise KeyError(record.id)
+
+
+def _changes(rows: list[Any]) -> list[tuple[int, str, float]]:
+    return [(int(i), k or "", datetime.fromisoformat(at).timestamp()) for i, k, at in rows]
 
 
 def _insert_audit(conn: sqlite3.Connection, params: tuple[Any, ...]) -> int:

@@ -67,6 +67,27 @@ def socket_owners(pids: list[int], local_ports: set[int]) -> dict[int, int]:
     return owners
 
 
+def listeners(pids: list[int], port: int) -> list[int]:
+    """Those of `pids` holding a listening IPv4 TCP socket on `port`: the workers of `--workers N`,
+    not the limits process beside them."""
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if int(parts[1].rsplit(":", 1)[1], 16) == port and parts[3] == "0A":  # 0A: LISTEN
+                inodes.add(f"socket:[{parts[9]}]")
+    found = []
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    found.append(pid)
+                    break
+            except OSError:
+                continue
+    return found
+
+
 class RssSampler:
     """Samples a process's RSS every few milliseconds in a thread; `peak` is the highest seen."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.e2e.support import GatewayProcess, Launcher, children, http_get, socket_owners
+from tests.e2e.support import GatewayProcess, Launcher, children, http_get, listeners, socket_owners
 from tests.helpers.net import free_port
 
 TIMEOUT = aiohttp.ClientTimeout(total=20)
@@ -95,8 +95,9 @@ async def test_workers_share_the_listener_and_stop_on_sigterm(launch: Launcher) 
     gw = await asyncio.to_thread(
         launch.gateway, [{"name": "api", "path": "/api", "upstream": up.url, "auth": "none"}], workers=2
     )
-    workers = children(gw.pid)
-    assert len(workers) == 2
+    forked = children(gw.pid)
+    workers = listeners(forked, gw.port)
+    assert len(workers) == 2 and len(forked) == 3  # and the limits process
     ports: set[int] = set()
 
     async def client(n: int) -> None:
@@ -116,7 +117,7 @@ async def test_workers_share_the_listener_and_stop_on_sigterm(launch: Launcher) 
     assert http_get(gw.admin_url + "/readyz")[0] == 200
     gw.proc.send_signal(signal.SIGTERM)
     assert await wait_exit(gw, 15) == 0
-    for pid in workers:
+    for pid in forked:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     assert refused(gw.port) and refused(gw.admin_port)
 
@@ -261,11 +262,26 @@ async def test_a_dead_worker_stops_the_gateway_with_an_error(launch: Launcher) -
     gw = await asyncio.to_thread(
         launch.gateway, [{"name": "api", "path": "/api", "upstream": up.url, "auth": "none"}], workers=2
     )
-    workers = children(gw.pid)
+    workers = listeners(children(gw.pid), gw.port)
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
     assert await wait_exit(gw, 15) != 0
     assert refused(gw.port)
+
+
+async def test_a_dead_limits_process_stops_the_gateway_with_an_error(launch: Launcher) -> None:
+    up = launch.server()
+    gw = await asyncio.to_thread(
+        launch.gateway, [{"name": "api", "path": "/api", "upstream": up.url, "auth": "none"}], workers=2
+    )
+    forked = children(gw.pid)
+    [limits] = set(forked) - set(listeners(forked, gw.port))
+    os.kill(limits, signal.SIGKILL)
+    assert await wait_exit(gw, 15) != 0
+    assert "the limits process exited" in gw.log()
+    assert refused(gw.port)
+    for pid in forked:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
 
 def test_run_refuses_a_missing_config(tmp_path: Path) -> None:

@@ -11,8 +11,9 @@ import json
 import time
 
 import aiohttp
+import pytest
 
-from tests.e2e.support import Launcher, children, socket_owners
+from tests.e2e.support import Launcher, children, listeners, socket_owners
 from tests.e2e.test_lifecycle import gateway_cli
 
 TIMEOUT = aiohttp.ClientTimeout(total=20)
@@ -28,7 +29,7 @@ async def test_a_key_limit_is_exact_across_workers(launch: Launcher) -> None:
         ],
         workers=2,
     )
-    workers = children(gw.pid)
+    workers = listeners(children(gw.pid), gw.port)
     assert len(workers) == 2
     made = await asyncio.to_thread(gateway_cli, "keys", "create", "-c", str(gw.config_path), "--owner", "o", "--json")
     assert made.returncode == 0, made.stderr
@@ -56,13 +57,19 @@ async def test_a_key_limit_is_exact_across_workers(launch: Launcher) -> None:
             assert headers["RateLimit"].startswith('"minute";r=0;')
 
 
-async def test_failed_authentications_are_counted_across_workers(launch: Launcher) -> None:
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_failed_authentications_are_counted_across_workers(
+    launch: Launcher, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Whatever holds the limits: the failed-auth count lives in the limits process."""
     up = launch.server()
+    url = "memory://" if backend == "memory" else str(request.getfixturevalue("redis_url"))
     gw = await asyncio.to_thread(
         launch.gateway,
         [{"name": "api", "path": "/api", "upstream": up.url, "auth": "required"}],
         workers=2,
         auth={"max_failures": 3, "window": "60s", "cooldown": "300s"},
+        ratelimit={"backend": url},
     )
     made = await asyncio.to_thread(gateway_cli, "keys", "create", "-c", str(gw.config_path), "--owner", "o", "--json")
     assert made.returncode == 0, made.stderr

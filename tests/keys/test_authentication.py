@@ -115,6 +115,12 @@ async def test_a_key_under_another_query_name_never_reaches_the_upstream(
     r = await call(gw, "GET", f"/warn/y?token={key}")
     assert r.status == 200 and up.requests[-1].target == b"/warn/y"
     assert key.encode() not in bytes(up.received)
+    # inside another parameter it cannot be stripped: refused under either policy, key or no key in a header
+    for target in (f"/opt/x?a=1;api_key={key}", f"/any/x?a=1;token={key}", f"/opt/x?q=Bearer%20{key}",
+                   f"/opt/x?next=%2Fcb%3Fapi_key%3D{key}", f"/warn/x?q=Bearer+{key}"):
+        problem(await call(gw, "GET", target), 400, "api_key_in_query")
+        problem(await call(gw, "GET", target, bearer(key)), 400, "api_key_in_query")
+    assert key.encode() not in bytes(up.received)
     # a value that only looks like a key at a glance is left alone
     r = await call(gw, "GET", "/opt/x?q=sk_live_notakey")
     assert r.status == 200 and up.requests[-1].target == b"/opt/x?q=sk_live_notakey"

@@ -116,3 +116,24 @@ def test_ejection_metrics() -> None:
     now[0] = 81.0
     assert registry.get_sample_value("gateway_upstream_ejected", {"route": "r"}) == 0
     assert registry.get_sample_value("gateway_upstream_ejections_total", {"route": "r"}) == 1
+
+
+async def test_a_slow_upload_timing_out_does_not_count_against_the_upstream(gateway) -> None:
+    a = await RecordingUpstream(respond=lambda r: ok(b"a")).start()
+    b = await RecordingUpstream(respond=lambda r: ok(b"b")).start()
+    try:
+        h = await gateway(
+            [route(a.url, upstream=[a.url, b.url], timeouts={"read": "200ms"}, outlier={"consecutive_failures": 1})]
+        )
+        for _ in range(2):  # one on each upstream: the body never ends, the read timeout passes
+            c = await h.send(b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10\r\n\r\nhalf")
+            assert (await c.response(timeout=5.0)).status == 504
+        c = await h.send(b"")
+        bodies = []
+        for _ in range(4):
+            await c.send(get("/"))
+            bodies.append((await c.response()).body)
+        assert sorted(bodies) == [b"a", b"a", b"b", b"b"]  # neither left the rotation
+    finally:
+        await a.close()
+        await b.close()

@@ -324,6 +324,7 @@ async def test_gateway_error_to_head_has_no_body(up, gateway) -> None:
     [
         ("/api/x;v=1", b"A"),  # parameters that keep the path on its route are forwarded as sent
         ("/api/v2/y;jsessionid=9", b"B"),
+        ("/api/v2/y%3Bjsessionid=9", b"B"),
         ("/apix;y", b"C"),
         ("/;x", b"C"),
     ],
@@ -338,7 +339,13 @@ async def test_path_parameters_that_keep_the_route_are_forwarded(three, gateway,
     assert r.body == tag + b" " + path.encode()
 
 
-@pytest.mark.parametrize("path", ["/api;x", "/api;a=1/x", "/api;x/v2", "/api/v2;x", "/api/v2;jsessionid=9/y", "/api;/v2/y"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api;x", "/api;a=1/x", "/api;x/v2", "/api/v2;x", "/api/v2;jsessionid=9/y", "/api;/v2/y",
+        "/api%3Bx", "/api%3bx/v2", "/api/v2%3Bx",  # the same for an upstream that decodes first
+    ],
+)
 async def test_path_parameters_that_would_change_the_route_are_refused(three, gateway, path) -> None:
     """An upstream that drops `;` parameters (Tomcat, Spring) would read `/api;x` as `/api`: routed
     to the catch-all here, it would escape /api's auth and limits there."""

@@ -72,7 +72,7 @@ class MemoryBackend(Backend):
 
 
 class SharedBackend(Backend):
-    """A worker's limiter under `--workers N` (memory://): a MemoryLimiter in a "supervisor" at the
+    """A worker's limiter under `--workers N` (memory://): a MemoryLimiter in a "limits process" at the
     other end of a real socket pair, here in the same event loop."""
 
     name = "shared"

@@ -1,10 +1,10 @@
-"""memory:// under `--workers N`: the workers' hits decided by one MemoryLimiter in the supervisor.
+"""memory:// under `--workers N`: the workers' hits decided by one MemoryLimiter in the limits process.
 
 The contract suite runs on this backend too (`shared` in conftest). Here: what only it has — one
-frame per tick, the same decisions as the memory limiter to the last field, a supervisor that is
+frame per tick, the same decisions as the memory limiter to the last field, a limits process that is
 slow or gone (the failure policy, never a hang), an answer that comes after its timeout, and the
-supervisor's bounded memory of decoded counters; and the brute-force throttle, whose failures the
-supervisor counts for every worker.
+limits process's bounded memory of decoded counters; and the brute-force throttle, whose failures the
+limits process counts for every worker.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ async def test_shared_and_memory_decide_identically(seed: int) -> None:
         await sh.close()
 
 
-async def test_a_silent_supervisor_fails_over_within_the_timeout() -> None:
-    b = SharedBackend(MsClock(), timeout=0.05)  # never started: nothing reads the supervisor's end
+async def test_a_silent_limits_process_fails_over_within_the_timeout() -> None:
+    b = SharedBackend(MsClock(), timeout=0.05)  # never started: nothing reads the limits process's end
     try:
         c = counters(unique_owner(), lim(4, 60, "minute"))
         started = time.monotonic()
@@ -107,20 +107,20 @@ async def test_an_answer_after_its_timeout_is_dropped_and_the_next_is_right() ->
         assert (await b.hit(c)).outcomes[0].remaining == 9
         [host_end] = b.host._ends
         assert host_end.transport is not None
-        host_end.transport.pause_reading()  # a supervisor that is busy elsewhere
+        host_end.transport.pause_reading()  # a limits process that is busy elsewhere
         with pytest.raises(LimiterUnavailable, match="timeout"):
             await b.hit(c)
         late = b.limiter.hit(c)  # queued behind the first, sent now
         await asyncio.sleep(0)
         host_end.transport.resume_reading()
         d = await late
-        # the supervisor decided all three; the worker used the second answer for nothing
+        # the limits process decided all three; the worker used the second answer for nothing
         assert d.allowed and d.outcomes[0].remaining == 7
     finally:
         await b.close()
 
 
-async def test_a_supervisor_gone_fails_pending_and_new_hits_at_once() -> None:
+async def test_a_limits_process_gone_fails_pending_and_new_hits_at_once() -> None:
     b = await SharedBackend(MsClock(), timeout=30.0).start()
     try:
         c = counters(unique_owner(), lim(10, 60, "minute"))
@@ -141,7 +141,7 @@ async def test_a_supervisor_gone_fails_pending_and_new_hits_at_once() -> None:
         await b.close()
 
 
-async def test_the_supervisor_keeps_a_bounded_number_of_decoded_counters(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_limits_process_keeps_a_bounded_number_of_decoded_counters(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(host, "MAX_DECODED", 20)
     b = await SharedBackend(MsClock()).start()
     try:
@@ -156,17 +156,17 @@ async def test_the_supervisor_keeps_a_bounded_number_of_decoded_counters(monkeyp
         await b.close()
 
 
-# --- the brute-force throttle, counted in the supervisor ---------------------------------------------
+# --- the brute-force throttle, counted in the limits process ---------------------------------------------
 
 
 async def test_failed_authentications_are_counted_across_workers_and_every_worker_cools_down() -> None:
     clock = MsClock()
     cfg = AuthThrottleConfig(max_failures=3, window="60s", cooldown="300s")
-    supervisor = LimiterHost(MemoryLimiter(clock), AuthThrottle(cfg, clock))
+    limits = LimiterHost(MemoryLimiter(clock), AuthThrottle(cfg, clock))
     workers = []
     for _ in range(2):
         host_end, worker_end = socket.socketpair()
-        await supervisor.serve(host_end)
+        await limits.serve(host_end)
         limiter = SharedLimiter(worker_end, 5.0)
         throttle = AuthThrottle(cfg, clock, limiter.report_failure)
         limiter.on_block = throttle.block
@@ -186,14 +186,14 @@ async def test_failed_authentications_are_counted_across_workers_and_every_worke
             assert e.value.code == "rate_limited"
             assert dict(e.value.headers)[b"Retry-After"] == b"300"
             throttle.check("198.51.100.1")  # another address: untouched
-        assert supervisor.throttle.state["192.0.2.7"][1] == 4
+        assert limits.throttle.state["192.0.2.7"][1] == 4
         clock.advance_ms(300_001)
         ta.check("192.0.2.7")  # the cool-down ends on every worker
         tb.check("192.0.2.7")
     finally:
         for limiter, _ in workers:
             await limiter.close()
-        supervisor.close()
+        limits.close()
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -205,21 +205,21 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> Non
 
 async def test_a_worker_that_never_asked_anything_still_hears_of_cool_downs(tmp_path: Path) -> None:
     """A worker whose clients all authenticated, on routes without limits, never sends a frame: its
-    services must read the supervisor's end from the start, or another worker's brute force is
+    services must read the limits process's end from the start, or another worker's brute force is
     let through here (seen end to end: one of two workers kept answering 200)."""
     config = validate(
         config_data(f"sqlite:///{tmp_path / 'keys.db'}", "http://127.0.0.1:9", auth={"max_failures": 1})
     )
     clock = MsClock()
-    supervisor = LimiterHost(MemoryLimiter(clock), AuthThrottle(config.auth, clock))
+    limits = LimiterHost(MemoryLimiter(clock), AuthThrottle(config.auth, clock))
     host_end, worker_end = socket.socketpair()
-    await supervisor.serve(host_end)
+    await limits.serve(host_end)
     services = await Services.open(config, link=WorkerLink(worker_end, 2))
     try:
-        supervisor.failed(marshal.dumps(["192.0.2.9", "192.0.2.9"]))  # another worker's two failures
+        limits.failed(marshal.dumps(["192.0.2.9", "192.0.2.9"]))  # another worker's two failures
         await wait_until(lambda: services.throttle.blocked_until("192.0.2.9") > 0)
         with pytest.raises(GatewayError):
             services.throttle.check("192.0.2.9")
     finally:
         await services.close()
-        supervisor.close()
+        limits.close()

@@ -322,28 +322,29 @@ async def test_list_audit_newest_first_with_filters_and_limit(store: KeyStore) -
 async def test_key_changes_feed_from_the_audit_log(store: KeyStore) -> None:
     minute = timedelta(minutes=1)
     await store.add_audit(audit("create", "k0", at=T0))
-    [(start, none, _)] = await store.key_changes(-1, T0)
+    [(start, none, _)] = await store.key_changes(-1)
     assert none == ""
     entries = [
         audit("update", "k1", at=T0 + minute),
-        audit("auth_failed", None, at=T0 + minute),  # about no key: not a change
+        audit("auth_failed", None, at=T0 + minute),  # about no key: key id ""
         audit("revoke", "k2", at=T0 + 2 * minute),
         audit("rotate", "k1", at=T0 + 3 * minute),
     ]
     for e in entries:
         await store.add_audit(e)
     ids = [e.id for e in entries]
-    no_lookback = T0 + timedelta(days=1)  # `since` after every entry: by id alone
-    changes = await store.key_changes(start, no_lookback)
-    assert [(i, k) for i, k, _ in changes] == [(ids[0], "k1"), (ids[2], "k2"), (ids[3], "k1")]
-    assert [t for _, _, t in changes] == [(T0 + m * minute).timestamp() for m in (1, 2, 3)]
-    assert await store.key_changes(ids[3], no_lookback) == []
-    assert [i for i, _, _ in await store.key_changes(ids[0], no_lookback)] == [ids[2], ids[3]]
-    # entries written since `since` come back whatever their id: one committed late is not missed
-    assert [i for i, _, _ in await store.key_changes(ids[3], T0 + 2 * minute)] == [ids[2], ids[3]]
-    assert [i for i, _, _ in await store.key_changes(start, no_lookback, limit=2)] == [ids[0], ids[2]]
-    [(last, _, _)] = await store.key_changes(-1, T0)
+    assert all(isinstance(i, int) for i in ids)
+    changes = await store.key_changes(start)
+    assert [(i, k) for i, k, _ in changes] == [(ids[0], "k1"), (ids[1], ""), (ids[2], "k2"), (ids[3], "k1")]
+    assert [t for _, _, t in changes] == [(T0 + m * minute).timestamp() for m in (1, 1, 2, 3)]
+    assert await store.key_changes(ids[3]) == []
+    assert [i for i, _, _ in await store.key_changes(ids[1])] == [ids[2], ids[3]]
+    assert [i for i, _, _ in await store.key_changes(start, limit=2)] == [ids[0], ids[1]]
+    [(last, _, _)] = await store.key_changes(-1)
     assert last == ids[3]
+    among = await store.key_changes_among([ids[3], ids[0], ids[3] + 1000])  # the last: no such entry (yet)
+    assert [(i, k) for i, k, _ in among] == [(ids[0], "k1"), (ids[3], "k1")]
+    assert await store.key_changes_among([]) == []
 
 
 # --- representations ---------------------------------------------------------------------------------
