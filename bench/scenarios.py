@@ -191,13 +191,13 @@ SCENARIOS += [
     ),
     Scenario(
         name="keys_workers2",
-        description="as keys, two worker processes: the 3 limits (memory) held by the supervisor, one frame per tick",
+        description="as keys, two worker processes: the 3 limits (memory) held by the limits process, one frame per tick",
         configure=real_keys,
         workers=2,
         spread=True,
         note=(
             "as workers2: both CPUs, shared with wrk and the upstream; CPU/request is summed over the "
-            "supervisor (which decides the limits) and the workers"
+            "supervisor, the limits process (which decides the limits) and the workers"
         ),
     ),
 ]
