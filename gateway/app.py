@@ -21,6 +21,7 @@ from gateway.heap import HeapKeeper, settle
 from gateway.keys.peppers import PepperMissing
 from gateway.proxy import ProxyServer
 from gateway.ratelimit.shared import WorkerLink
+from gateway.reload import reloaded
 from gateway.services import Services
 from gateway.store import StoreUnavailable
 
@@ -51,7 +52,8 @@ class Gateway:
         self.ready_fd: int | None = None  # a worker writes a byte here once its listener is up
         self.metrics_dir: Path | None = None  # a worker's metrics go here for the supervisor to sum
         self.metrics_registry: CollectorRegistry | None = None  # what the admin /metrics serves
-        self.limiter_link: WorkerLink | None = None  # a worker's way to its supervisor's memory limiter
+        self.limiter_link: WorkerLink | None = None  # a worker's way to the limits process
+        self.config_path: str | None = None  # where SIGHUP reads the config again (gateway/reload.py)
         self._snapshots: asyncio.Task[None] | None = None
         self.heap = HeapKeeper()
 
@@ -114,6 +116,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
         # What start-up made (modules, config, routes, the metrics registry, pools) lives as long as
         # the process: moved out of the collector's sight, a full collection walks only what serving
@@ -138,6 +141,18 @@ class Gateway:
         if not clean:
             log.warning("shutdown_timeout passed with requests still in flight; they were cut")
         return 0
+
+
+    def reload(self) -> None:
+        """SIGHUP: the config file again, for what can change live (gateway/reload.py)."""
+        if self.config_path is None or self.proxy is None:
+            log.warning("SIGHUP ignored: no config file to read again")
+            return
+        new = reloaded(self.config_path, self.config)
+        if new is not None:
+            self.proxy.reload(new)
+            self.config = new
+            log.info("reloaded %s: %d route%s", self.config_path, len(new.routes), "s" * (len(new.routes) != 1))
 
 
 class StartupError(Exception):
@@ -169,17 +184,23 @@ def _redact(url: str) -> str:
     return url
 
 
-def run(config: GatewayConfig, workers: int = 1) -> int:
-    """Serve until SIGTERM/SIGINT; with workers > 1, fork that many proxy processes (SO_REUSEPORT)."""
+def run(config: GatewayConfig, workers: int = 1, path: str | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (SIGHUP reads `path` again); with workers > 1, fork that many proxy
+    processes (SO_REUSEPORT)."""
     install_uvloop()
+    # SIGHUP reloads once serving (gateway/reload.py); until then, and in a child before it is ready,
+    # it must not end the process as by default.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # The SQLite store's thread (key lookups on a cache miss, reports) shares the GIL; with the default
     # 5 ms switch interval the event loop could wait that long behind it: request-latency p99 spikes.
     sys.setswitchinterval(0.001)
     if workers <= 1:
-        return asyncio.run(Gateway(config).serve())
+        gateway = Gateway(config)
+        gateway.config_path = path
+        return asyncio.run(gateway.serve())
     from gateway.supervisor import supervise  # it builds on this module's Gateway
 
-    return supervise(config, workers)
+    return supervise(config, workers, path)
 
 
 def setup_logging(level: str = "INFO") -> None:

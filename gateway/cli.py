@@ -49,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     cfg = _load(args)
-    return run(cfg, workers=args.workers)
+    return run(cfg, workers=args.workers, path=os.path.abspath(config_path(args.config)))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -86,10 +86,35 @@ class ProxyServer:
     def __init__(
         self, config: GatewayConfig, loop: asyncio.AbstractEventLoop, services: Services | None = None
     ) -> None:
-        self.config = config
         self.services = services
         self.observers: list[Observer] = []
         self.loop = loop
+        self.scheme = b"https" if config.tls else b"http"
+        self.reload(config)
+        if services is not None:
+            services.metrics.registry.register(EjectionMetrics(lambda: self.router.routes, loop.time))
+            self.observers.append(
+                Telemetry(
+                    services.clock,
+                    services.request_metrics,
+                    services.usage,
+                    services.access_log,
+                    services.anomalies,
+                )
+            )
+        self.pool = UpstreamPool(loop, config.upstream_keepalive, config.upstream_idle_timeout)
+        self.connections: set[ConnectionBase] = set()
+        self.tasks = Tasks()
+        self.draining = False
+        self.date = b""
+        self._server: asyncio.Server | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        self._peer_cache: dict[str, str] = {}
+
+    def reload(self, config: GatewayConfig) -> None:
+        """Routes, request limits and the rest of what gateway/reload.py lists as live, from `config`:
+        a request already routed keeps its route; the next ones see these."""
+        self.config = config
         lim = config.limits
         self.header_timeout = lim.header_timeout
         self.body_timeout = lim.body_timeout
@@ -100,29 +125,9 @@ class ProxyServer:
         self.max_pipelined = lim.max_pipelined
         self.max_connections = lim.max_connections
         self.underscores = config.headers_with_underscores
-        self.scheme = b"https" if config.tls else b"http"
-        self.router = Router(build_routes(config, services))
-        if services is not None:
-            services.metrics.registry.register(EjectionMetrics(self.router.routes, loop.time))
-            self.observers.append(
-                Telemetry(
-                    services.clock,
-                    services.request_metrics,
-                    services.usage,
-                    services.access_log,
-                    services.anomalies,
-                )
-            )
+        self.router = Router(build_routes(config, self.services))
         self.pipeline = Pipeline(self.router, ClientIP(list(config.trusted_proxies)))
-        self.pool = UpstreamPool(loop, config.upstream_keepalive, config.upstream_idle_timeout)
-        self.connections: set[ConnectionBase] = set()
-        self.tasks = Tasks()
-        self.draining = False
-        self.date = b""
-        self._server: asyncio.Server | None = None
-        self._ticker: asyncio.TimerHandle | None = None
         self._tick_every = self._tick_interval(config)
-        self._peer_cache: dict[str, str] = {}
 
     @staticmethod
     def _tick_interval(config: GatewayConfig) -> float:

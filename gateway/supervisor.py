@@ -5,6 +5,7 @@ every worker listens, and stops them all when told to or when one of them fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -22,11 +23,12 @@ from gateway.fleet_metrics import FleetCollector
 from gateway.keys.peppers import PepperMissing, load_peppers
 from gateway.ratelimit.host import serve_limits
 from gateway.ratelimit.shared import WorkerLink
+from gateway.reload import reloaded
 
 log = logging.getLogger("gateway")
 
 
-def supervise(config: GatewayConfig, workers: int) -> int:
+def supervise(config: GatewayConfig, workers: int, path: str | None = None) -> int:
     """Fork `workers` serving processes, serve the admin API here, stop them all on SIGTERM/SIGINT."""
     # A fresh SQLite store's generated pepper is made once, here: workers racing to create it would crash.
     try:
@@ -74,6 +76,7 @@ def supervise(config: GatewayConfig, workers: int) -> int:
 
             reseed()
             worker = Gateway(config, admin=False)
+            worker.config_path = path
             worker.ready_fd = ready_w
             worker.metrics_dir = metrics_dir
             for j, (_, worker_end) in enumerate(pairs):
@@ -99,7 +102,7 @@ def supervise(config: GatewayConfig, workers: int) -> int:
     for _, worker_end in pairs:
         worker_end.close()
     try:
-        return asyncio.run(_supervisor_loop(config, children, limits, ready_r, metrics_dir))
+        return asyncio.run(_supervisor_loop(config, children, limits, ready_r, metrics_dir, path))
     except BaseException:
         _stop_workers([*children, limits], config.shutdown_timeout + config.shutdown_delay + 5)
         raise
@@ -154,7 +157,7 @@ async def _workers_listening(fd: int, workers: int) -> bool:
 
 
 async def _supervisor_loop(
-    config: GatewayConfig, children: list[int], limits: int, ready_fd: int, metrics_dir: Path
+    config: GatewayConfig, children: list[int], limits: int, ready_fd: int, metrics_dir: Path, path: str | None
 ) -> int:
     gw = Gateway(config)
     gw.services = await open_services(config)
@@ -166,6 +169,15 @@ async def _supervisor_loop(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+
+    def reload() -> None:
+        # Checked here to say so once; each worker reads the file again itself.
+        if path is not None and reloaded(path, config) is not None and not stopping.is_set():
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await gw.start_admin()
     alive = {*children, limits}
 

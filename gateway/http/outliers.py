@@ -63,8 +63,8 @@ def answered(up: Upstream) -> None:
 class EjectionMetrics(Collector):
     """`gateway_upstream_ejections_total{route}` and `gateway_upstream_ejected{route}`, read at a scrape."""
 
-    def __init__(self, routes: list[Route], time: Callable[[], float]) -> None:
-        self.routes = routes
+    def __init__(self, routes: Callable[[], list[Route]], time: Callable[[], float]) -> None:
+        self.routes = routes  # the routes now: a reload (gateway/reload.py) replaces them
         self.time = time  # the event loop's clock, which ejections are timed by
 
     def collect(self) -> Iterator[Metric]:
@@ -73,7 +73,7 @@ class EjectionMetrics(Collector):
             "gateway_upstream_ejections", "Upstreams left out of rotation after failing in a row", labels=["route"]
         )
         out = GaugeMetricFamily("gateway_upstream_ejected", "Upstreams out of rotation now", labels=["route"])
-        for r in self.routes:
+        for r in self.routes():
             if len(r.upstreams) > 1:
                 total.add_metric([r.name], r.ejections)
                 out.add_metric([r.name], sum(1 for u in r.upstreams if u.ejected_until > now))

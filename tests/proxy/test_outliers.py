@@ -109,7 +109,7 @@ def test_ejection_metrics() -> None:
     many, one = compiled(3, consecutive_failures=1), compiled(1)
     registry = CollectorRegistry()
     now = [50.0]
-    registry.register(outliers.EjectionMetrics([many, one], lambda: now[0]))
+    registry.register(outliers.EjectionMetrics(lambda: [many, one], lambda: now[0]))
     outliers.failed(many, many.upstreams[0], 50.0)
     assert registry.get_sample_value("gateway_upstream_ejections_total", {"route": "r"}) == 1
     assert registry.get_sample_value("gateway_upstream_ejected", {"route": "r"}) == 1
