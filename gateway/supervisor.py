@@ -1,6 +1,7 @@
-"""The supervisor of `gateway run --workers N`: forks the serving processes (each binds its own
-SO_REUSEPORT listener), serves the admin API with the workers' metrics summed, reports ready once
-every worker listens, and stops them all when told to or when one of them fails."""
+"""The supervisor of `gateway run --workers N`: forks the limits process (ratelimit/host.py), then
+the serving processes (each binds its own SO_REUSEPORT listener), serves the admin API with the
+workers' metrics summed, reports ready once every worker listens, passes SIGHUP on to the workers,
+and stops them all when told to or when one of them (or the limits process) fails."""
 
 from __future__ import annotations
 
@@ -45,18 +46,49 @@ def supervise(config: GatewayConfig, workers: int, path: str | None = None) -> i
         probe.close()
         raise StartupError(f"cannot listen on {shown_address((host, port))}: {e.strerror or e}") from None
     children: list[int] = []
+    limits = 0
     metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
-    ready_r, ready_w = os.pipe()
-    # The limits process (ratelimit/host.py) holds the memory:// counters and the failed-auth count for
-    # every worker; each worker asks it over a socket pair of its own (ratelimit/shared.py).
-    pairs = [socket.socketpair() for _ in range(workers)]
-    limits = os.fork()
-    if limits == 0:
+    try:  # from here on, whatever fails stops what was forked and removes the folder
+        ready_r, ready_w = os.pipe()
+        # The limits process (ratelimit/host.py) holds the memory:// counters and the failed-auth count
+        # for every worker; each worker asks it over a socket pair of its own (ratelimit/shared.py).
+        pairs = [socket.socketpair() for _ in range(workers)]
+        limits = _fork_limits(config, pairs, [probe.fileno(), ready_r, ready_w])
+        for i in range(workers):
+            pid = os.fork()
+            if pid == 0:
+                probe.close()
+                os.close(ready_r)
+                for j, (_, worker_end) in enumerate(pairs):
+                    if j != i:
+                        worker_end.close()
+                _worker(config, path, ready_w, metrics_dir, WorkerLink(pairs[i][1], workers))
+            children.append(pid)
+        probe.close()
+        os.close(ready_w)
+        for _, worker_end in pairs:
+            worker_end.close()
+        return asyncio.run(_supervisor_loop(config, children, limits, ready_r, metrics_dir, path))
+    except BaseException:
+        _stop_workers([*children, *([limits] if limits else [])], config.shutdown_timeout + config.shutdown_delay + 5)
+        raise
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _fork_limits(config: GatewayConfig, pairs: list[tuple[socket.socket, socket.socket]], close: list[int]) -> int:
+    """Fork the limits process with the pairs' first ends; it closes the other ends and `close`.
+    SIGINT and SIGTERM are blocked across the fork, so a Ctrl-C cannot end it before it ignores them."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    pid = os.fork()
+    if pid == 0:
         code = 1
         try:
-            probe.close()
-            os.close(ready_r)
-            os.close(ready_w)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            for fd in close:
+                os.close(fd)
             for _, worker_end in pairs:
                 worker_end.close()
             code = serve_limits(config.auth, [host_end for host_end, _ in pairs])
@@ -65,53 +97,39 @@ def supervise(config: GatewayConfig, workers: int, path: str | None = None) -> i
         finally:
             sys.stderr.flush()
             os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
     for host_end, _ in pairs:
         host_end.close()
-    for i in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            probe.close()
-            os.close(ready_r)
-            from gateway.ids import reseed
+    return pid
 
-            reseed()
-            worker = Gateway(config, admin=False)
-            worker.config_path = path
-            worker.ready_fd = ready_w
-            worker.metrics_dir = metrics_dir
-            for j, (_, worker_end) in enumerate(pairs):
-                if j == i:
-                    worker.limiter_link = WorkerLink(worker_end, workers)
-                else:
-                    worker_end.close()
-            code = 1
-            try:  # never return into the supervisor's code: a worker ends here, whatever happens
-                code = asyncio.run(worker.serve())
-            except StartupError as e:
-                print(f"gateway: worker {os.getpid()}: {e}", file=sys.stderr)
-            except KeyboardInterrupt:
-                code = 130
-            except BaseException:
-                log.exception("worker %d failed", os.getpid())
-            finally:
-                sys.stderr.flush()
-                os._exit(code)
-        children.append(pid)
-    probe.close()
-    os.close(ready_w)
-    for _, worker_end in pairs:
-        worker_end.close()
+
+def _worker(config: GatewayConfig, path: str | None, ready_w: int, metrics_dir: Path, link: WorkerLink) -> None:
+    """A forked worker's life; it never returns into the supervisor's code, whatever happens."""
+    from gateway.ids import reseed
+
+    reseed()
+    worker = Gateway(config, admin=False)
+    worker.config_path = path
+    worker.ready_fd = ready_w
+    worker.metrics_dir = metrics_dir
+    worker.limiter_link = link
+    code = 1
     try:
-        return asyncio.run(_supervisor_loop(config, children, limits, ready_r, metrics_dir, path))
+        code = asyncio.run(worker.serve())
+    except StartupError as e:
+        print(f"gateway: worker {os.getpid()}: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
     except BaseException:
-        _stop_workers([*children, limits], config.shutdown_timeout + config.shutdown_delay + 5)
-        raise
+        log.exception("worker %d failed", os.getpid())
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _stop_workers(children: list[int], timeout: float) -> None:
-    """The supervisor is failing: SIGTERM the workers still running, SIGKILL them after `timeout`."""
+    """The supervisor is failing: SIGTERM the processes still running (the limits process ignores it, and
+    ends with the last worker), SIGKILL them after `timeout`."""
     import time
 
     alive = []

@@ -120,9 +120,15 @@ class Forwarding(Responses):
             ex.retried = True  # a pooled connection the upstream had already closed: one fresh try
             self._dispatch(ex, fresh=True)
             return
-        # Not while the request body was still coming: a slow client's upload that outlives the read
-        # timeout says nothing of the upstream, and could be used to eject a healthy one.
-        if conn is not None and not ex.response_started and ex.body_complete and ex.route is not None:
+        # Not while the request body was still coming from a slow client (an upload that outlives the
+        # read timeout says nothing of the upstream, and could be used to eject a healthy one), unless
+        # it was the upstream that had stopped reading it.
+        if (
+            conn is not None
+            and not ex.response_started
+            and (ex.body_complete or conn.write_paused)
+            and ex.route is not None
+        ):
             outliers.failed(ex.route, conn.upstream, self.loop.time())
         self._reject(ex, err)
 

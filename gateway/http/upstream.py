@@ -36,7 +36,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "client", "closed", "deadline", "eof_body", "ex", "head_bytes", "head_raw", "headers",
         "informational", "key", "parser", "pool", "read_timeout", "reason", "received", "reusable", "reused",
-        "skip_body", "total_deadline", "transport", "tunnel", "upstream",
+        "skip_body", "total_deadline", "transport", "tunnel", "upstream", "write_paused",
     )
 
     def __init__(self, pool: UpstreamPool, upstream: Upstream) -> None:
@@ -58,6 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.closed = False
         self.tunnel = False
+        self.write_paused = False  # the upstream stopped reading what is sent (its socket buffer is full)
         self.deadline = INF
         self.total_deadline = INF
         self.read_timeout = INF
@@ -150,10 +151,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(b"0\r\n\r\n")
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self.client is not None:
             self.client.pause_reading_for(self)
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if self.client is not None:
             self.client.resume_reading_for(self)
 

@@ -91,7 +91,10 @@ class KeyCache:
         self.positive: OrderedDict[bytes, CachedKey] = OrderedDict()
         self.negative: OrderedDict[bytes, float] = OrderedDict()
         self.by_id: dict[str, bytes] = {}
-        self.generation = 0  # invalidations so far: a read that overlapped one is not cached
+        self.generation = 0  # invalidations so far
+        # Keys invalidated while a store read was under way, and when (generation): that read's record
+        # may predate the change. Kept only while reads are in flight.
+        self.changed: dict[str, int] = {}
         self.inflight: dict[bytes, asyncio.Future[CachedKey | None]] = {}
         self.store_calls = 0
 
@@ -129,6 +132,8 @@ class KeyCache:
             return entry
         finally:
             del self.inflight[digest]
+            if not self.inflight:
+                self.changed.clear()
 
     async def _fetch(self, key: bytes, digest: bytes) -> CachedKey | None:
         now = self.clock.time()
@@ -153,9 +158,9 @@ class KeyCache:
             return None
         if record.pepper_version != self.peppers.current.version:
             await self._redigest(record, digest)
-        if self.generation != generation:
-            # A key changed while this read was under way (a revocation read from the change feed, say):
-            # the record may predate it. Serve this request with it, but cache nothing read before.
+        if self.changed.get(record.id, -1) >= generation:
+            # This key changed while the read was under way (a revocation from the change feed, say):
+            # the record may predate it. It serves this request, and is not cached.
             return CachedKey(record, now)
         old = self.positive.get(digest)
         if old is not None and _unchanged(old.record, record):
@@ -188,6 +193,8 @@ class KeyCache:
 
     def invalidate(self, key_id: str) -> None:
         """Forget a changed or revoked key: the next request reads the store."""
+        if self.inflight:
+            self.changed[key_id] = self.generation
         self.generation += 1
         digest = self.by_id.pop(key_id, None)
         if digest is not None:

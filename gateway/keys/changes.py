@@ -30,6 +30,7 @@ log = logging.getLogger("gateway.keys")
 LOOKBACK = 10.0  # seconds: longer than any key-change transaction stays open
 PAGE = 1000  # entries read at once
 MAX_GAPS = 10_000  # skipped ids remembered at most
+START_WINDOW = 1000  # ids below the newest that a first poll checks for ones not committed yet
 
 
 class KeyChanges:
@@ -56,19 +57,26 @@ class KeyChanges:
                 now = self.clock.time()
                 if now - self._last_error > 60:
                     self._last_error = now
-                    log.warning(
-                        "key changes could not be read (%s); cached keys are re-read after keys.cache_ttl",
-                        e if isinstance(e, StoreUnavailable) else type(e).__name__,
-                    )
+                    if isinstance(e, StoreUnavailable):
+                        log.warning("key changes could not be read (%s); cached keys are re-read after "
+                                    "keys.cache_ttl", e)
+                    else:
+                        log.exception("reading key changes failed; cached keys are re-read after keys.cache_ttl")
             await asyncio.sleep(self.interval)
 
     async def poll(self) -> None:
         """Forget every key changed since the last poll."""
         store = self.store
-        if self.last_id < 0:  # what is older than this process's first read is older than its cache
-            [(self.last_id, _, _)] = await store.key_changes(-1)
-            return
         now = self.clock.time()
+        if self.last_id < 0:
+            # Start from the newest entry. Ids just below it may not have committed yet (PostgreSQL):
+            # those missing now are gaps like any other, read once they appear.
+            [(last, _, _)] = await store.key_changes(-1)
+            recent = list(range(max(1, last - START_WINDOW + 1), last + 1))
+            present = {i for i, _, _ in await store.key_changes_among(recent)}
+            self.gaps = {i: now for i in recent if i not in present}
+            self.last_id = last
+            return
         while True:
             page = await store.key_changes(self.last_id, PAGE)
             expected = self.last_id + 1

@@ -24,7 +24,7 @@ from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.policy import Limit
 from gateway.stages.throttle import AuthThrottle
 
-MAX_DECODED = 100_000  # counters whose decoded form the supervisor keeps; then it starts again
+MAX_DECODED = 100_000  # counters whose decoded form the limits process keeps; then it starts again
 
 
 class _HostEnd(Frames):
@@ -48,7 +48,7 @@ class _HostEnd(Frames):
 
 
 class LimiterHost:
-    """The supervisor's end: one MemoryLimiter deciding for every worker, one throttle counting."""
+    """The limits process's end: one MemoryLimiter deciding for every worker, one throttle counting."""
 
     def __init__(self, limiter: MemoryLimiter, throttle: AuthThrottle) -> None:
         self.limiter = limiter

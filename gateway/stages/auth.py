@@ -61,16 +61,17 @@ def _scrub_lookalikes(ex: Exchange, fmt: KeyFormat) -> None:
         headers[i] = (name, value)
 
 
-def _holds_a_key(query: bytes, fmt: KeyFormat) -> bool:
-    """Whether the query, decoded once as its reader will, holds one of our keys anywhere."""
-    text = unquote_to_bytes(query.replace(b"+", b" "))
+def _keys_in(text: bytes, fmt: KeyFormat) -> list[bytes]:
+    """Our keys anywhere in `text` (prefix, env and checksum all right)."""
+    found = []
     for m in fmt.marks:
         start = text.find(m)
         while start != -1:
-            if fmt.env_of(text[start : start + fmt.length]) is not None:
-                return True
+            candidate = text[start : start + fmt.length]
+            if fmt.env_of(candidate) is not None:
+                found.append(candidate)
             start = text.find(m, start + 1)
-    return False
+    return found
 
 
 def _query_refusal() -> GatewayError:
@@ -261,6 +262,7 @@ class AuthStage:
         kept: list[bytes] = []
         keys: list[bytes] = []
         names, fmt = self.auth.query_names, self.auth.fmt
+        embedded: list[bytes] = []
         for part in ex.query.split(b"&"):
             name, _, value = part.partition(b"=")
             name, value = unquote_to_bytes(name), unquote_to_bytes(value)
@@ -269,12 +271,19 @@ class AuthStage:
                 keys.append(value)
             else:
                 kept.append(part)
-        if not keys:
-            if _holds_a_key(ex.query, fmt):
-                # Inside another parameter (`a=1;api_key=…`, `q=Bearer …`, a URL in `next=`): it cannot
-                # be taken out without changing that parameter, so it is refused under either policy.
+                # One of our keys inside another parameter (after `;`, as `Bearer …`, in a URL in
+                # `next=`), decoded as its reader will.
+                embedded += _keys_in(name, fmt) + _keys_in(value, fmt)
+        if embedded:
+            # Only a copy of the key this request authenticates with can be taken out (replaced where
+            # it stands, in `_scrub`), and only where it is written plainly; any other is refused.
+            accepted = keys[0] if keys else header_key
+            if accepted is None or any(k != accepted for k in embedded) or (
+                b"&".join(kept).count(accepted) < len(embedded)
+            ):
                 self._query_rejected.inc()
                 raise self.auth.reject("query", _query_refusal())
+        if not keys:
             return header_key
         if self.query_policy == "reject":
             self._query_rejected.inc()

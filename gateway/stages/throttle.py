@@ -3,7 +3,7 @@
 Keyed on the client IP as derived from `trusted_proxies`, so a rotating spoofed X-Forwarded-For
 from an untrusted peer changes nothing. State is an LRU of at most `max_tracked` addresses.
 
-Under `gateway run --workers N` each worker also reports its failures to the supervisor, which
+Under `gateway run --workers N` each worker also reports its failures to the limits process, which
 counts them for all workers and tells every worker when an address is to cool down (`block`):
 the kernel spreads a client's connections over the workers, which otherwise gave it N times the
 failures.
@@ -22,7 +22,7 @@ from gateway.errors import GatewayError
 
 class AuthThrottle:
     def __init__(self, cfg: AuthThrottleConfig, clock: Clock, report: Callable[[str], None] | None = None) -> None:
-        self.report = report  # a worker's way to the supervisor's count
+        self.report = report  # a worker's way to the limits process's count
         self.max_failures = cfg.max_failures
         self.window = cfg.window
         self.cooldown = cfg.cooldown
@@ -62,7 +62,7 @@ class AuthThrottle:
         return entry[2] if entry is not None else 0.0
 
     def block(self, ip: str, until: float) -> None:
-        """Cool the address down until `until` (epoch seconds): the supervisor's count said so."""
+        """Cool the address down until `until` (epoch seconds): the limits process's count said so."""
         entry = self.state.get(ip)
         if entry is None:
             entry = [-math.inf, 0.0, 0.0]  # no window of failures seen here yet

@@ -3,6 +3,7 @@ for a while, longer each time it fails again on return; never more than the rout
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -13,7 +14,7 @@ from gateway.routing import Route, compile_route
 from tests.helpers.net import free_port
 from tests.helpers.upstream import RecordingUpstream, ok
 
-from .wire import get, route
+from .wire import ScriptedUpstream, get, route
 
 
 def dead_url() -> str:
@@ -137,3 +138,29 @@ async def test_a_slow_upload_timing_out_does_not_count_against_the_upstream(gate
     finally:
         await a.close()
         await b.close()
+
+
+async def test_an_upstream_that_stops_reading_an_upload_counts_as_failing(gateway) -> None:
+    """The body never completes, but because the upstream stopped reading it, not the client."""
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await asyncio.sleep(30)  # accepts, never reads, never answers
+
+    stuck = await ScriptedUpstream(deaf).start()
+    live = await RecordingUpstream(respond=lambda r: ok(b"live")).start()
+    try:
+        h = await gateway(
+            [route(live.url, upstream=[stuck.url, live.url], max_body="64MiB", timeouts={"read": "300ms"},
+                   outlier={"consecutive_failures": 1})]
+        )
+        c = await h.client()
+        size = 32 * 1024 * 1024  # far past what the sockets between can hold
+        c.writer.write(b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: %d\r\n\r\n" % size)
+        c.writer.write(b"x" * size)  # not drained: the gateway stops reading once the upstream does
+        assert (await c.response(timeout=10.0)).status == 504
+        c.writer.transport.abort()
+        assert await statuses(h, 6) == [200] * 6  # the deaf upstream left the rotation
+        assert stuck.connections == 1
+    finally:
+        await stuck.close()
+        await live.close()
