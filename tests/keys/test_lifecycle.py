@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -238,30 +239,41 @@ async def test_a_first_key_sync_sees_an_entry_committed_after_it_started(gw: Run
     assert changes.gaps == {}
 
 
+async def request_during_a_held_read(gw: RunningGateway, key: str, meanwhile: Callable[[], Awaitable[None]]) -> int:
+    """A request whose store read of its key is held, once done, until `meanwhile` has run."""
+    store = gw.services.store
+    real = store.find_by_digests
+    read, go = asyncio.Event(), asyncio.Event()
+
+    async def held(digests: list[bytes]) -> object:
+        record = await real(digests)
+        read.set()
+        await go.wait()
+        return record
+
+    store.find_by_digests = held  # type: ignore[method-assign]
+    try:
+        first = asyncio.ensure_future(status(gw, key))
+        await read.wait()
+        await meanwhile()
+        go.set()
+        return await first
+    finally:
+        store.find_by_digests = real  # type: ignore[method-assign]
+
+
 async def test_a_lookup_under_way_while_a_key_changes_is_not_cached(gw: RunningGateway) -> None:
     """The store read began before a revocation made elsewhere, the sync forgot the key meanwhile:
     what the read returns may predate the revocation, so it serves its own request only."""
     changes = gw.services.key_changes
     rec, key = await new_key(gw)
     await changes.poll()
-    store = gw.services.store
-    real = store.find_by_digests
-    read, go = asyncio.Event(), asyncio.Event()
 
-    async def slow(digests: list[bytes]) -> object:
-        record = await real(digests)
-        read.set()
-        await go.wait()
-        return record
+    async def revoked_elsewhere() -> None:
+        await KeyService(gw.services.store, gw.services.peppers, "sk", gw.services.clock, None).revoke(rec.id)
+        await changes.poll()
 
-    store.find_by_digests = slow  # type: ignore[method-assign]
-    first = asyncio.ensure_future(status(gw, key))
-    await read.wait()  # the active record is read
-    await KeyService(store, gw.services.peppers, "sk", gw.services.clock, None).revoke(rec.id)
-    await changes.poll()
-    go.set()
-    assert await first == 200  # it began before the revocation
-    store.find_by_digests = real  # type: ignore[method-assign]
+    assert await request_during_a_held_read(gw, key, revoked_elsewhere) == 200  # it began before
     problem(await call(gw, "GET", "/any/x", bearer(key)), 401, "invalid_api_key")
 
 
@@ -270,24 +282,12 @@ async def test_a_lookup_under_way_while_another_key_changes_is_cached(gw: Runnin
     arriving all the time, a slow store must still cache."""
     _, key = await new_key(gw)
     other, _ = await new_key(gw)
-    store = gw.services.store
-    real = store.find_by_digests
-    read, go = asyncio.Event(), asyncio.Event()
 
-    async def slow(digests: list[bytes]) -> object:
-        record = await real(digests)
-        read.set()
-        await go.wait()
-        return record
+    async def another_changed() -> None:
+        gw.services.cache.invalidate(other.id)
 
-    store.find_by_digests = slow  # type: ignore[method-assign]
-    first = asyncio.ensure_future(status(gw, key))
-    await read.wait()
-    gw.services.cache.invalidate(other.id)
-    go.set()
-    assert await first == 200
-    store.find_by_digests = real  # type: ignore[method-assign]
-    calls = count_store_calls(store)
+    assert await request_during_a_held_read(gw, key, another_changed) == 200
+    calls = count_store_calls(gw.services.store)
     assert await status(gw, key) == 200
     assert calls["find_by_digests"] == 0  # cached by the first read
     assert gw.services.cache.changed == {}  # nothing remembered once no read is under way
