@@ -39,12 +39,20 @@ import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from gateway.clock import Clock
 from gateway.config.anomalies import AnomaliesConfig
 from gateway.http.exchange import Exchange
 
 AUTH_FAILURES = frozenset(["invalid_api_key", "expired_api_key", "multiple_api_keys"])
+
+
+class Detector(Protocol):
+    """What telemetry hands each finished exchange to: the detector here, or a worker's way to the one
+    in the limits process (ratelimit/shared.py)."""
+
+    def observe(self, ex: Exchange) -> None: ...
 
 
 @dataclass(slots=True)
@@ -112,14 +120,17 @@ class AnomalyDetector:
 
     def observe(self, ex: Exchange) -> None:
         """Called once per finished exchange; O(1) in the common case."""
+        p = ex.principal
+        self.observe_fields(p.record.id if p is not None else None, ex.client_ip, ex.error_code, ex.key_prefix)
+
+    def observe_fields(self, key_id: str | None, ip: str, code: str | None, prefix: str) -> None:
+        """One exchange as plain data (what a worker of `--workers N` sends the limits process)."""
         now = self.clock.time()
         window = int(now // self.window)
-        p = ex.principal
-        code = ex.error_code
-        if p is not None:
-            self._key(p.record.id, ex.client_ip, code, now, window)
+        if key_id is not None:
+            self._key(key_id, ip, code, now, window)
         elif code in AUTH_FAILURES:
-            self._auth_failure(ex, now, window)
+            self._auth_failure(ip, prefix, now, window)
 
     # --- per key -------------------------------------------------------------------------------
     def _state(self, key_id: str, now: float) -> _KeyState:
@@ -133,7 +144,7 @@ class AnomalyDetector:
             keys.move_to_end(key_id)
         return st
 
-    def _key(self, key_id: str, ip: str, code: str, now: float, window: int) -> None:
+    def _key(self, key_id: str, ip: str, code: str | None, now: float, window: int) -> None:
         cfg = self.cfg
         st = self._state(key_id, now)
         if window != st.window:
@@ -206,14 +217,12 @@ class AnomalyDetector:
             self._emit("new_network", key_id, key_id, {"network": net, "known": len(nets) - 1}, now, cfg.action)
 
     # --- authentication failures ---------------------------------------------------------------
-    def _auth_failure(self, ex: Exchange, now: float, window: int) -> None:
+    def _auth_failure(self, ip: str, prefix: str, now: float, window: int) -> None:
         cfg = self.cfg.auth_failures
-        ip = ex.client_ip
         tally = _bounded(self.ips, ip, self.cfg.max_tracked)
         if tally.add(window) > cfg.per_ip and not tally.alerted:
             tally.alerted = True
             self._emit("auth_failures_ip", None, ip, {"failures": tally.count}, now, "alert")
-        prefix = ex.key_prefix
         if prefix:
             tally = _bounded(self.prefixes, prefix, self.cfg.max_tracked)
             if tally.add(window) > cfg.per_prefix and not tally.alerted:

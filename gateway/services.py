@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
-from gateway.anomalies import Anomaly, AnomalyDetector
+from gateway.anomalies import Anomaly, AnomalyDetector, Detector
 from gateway.clock import Clock
 from gateway.config.schema import GatewayConfig
 from gateway.keys.cache import KeyCache
@@ -24,7 +24,7 @@ from gateway.metrics import Metrics
 from gateway.ratelimit.base import Limiter
 from gateway.ratelimit.failover import FailoverLimiter
 from gateway.ratelimit.memory import MemoryLimiter
-from gateway.ratelimit.shared import SharedLimiter, WorkerLink
+from gateway.ratelimit.shared import RemoteDetector, SharedLimiter, WorkerLink
 from gateway.stages.auth import KeyAuth
 from gateway.stages.throttle import AuthThrottle
 from gateway.store import KeyStore, StoreUnavailable, open_store
@@ -122,9 +122,13 @@ class Services:
         self.access_log = AccessLog(u.access_log) if u.access_log else None
         self._rollups: asyncio.Task[None] | None = None
         self.tasks = Tasks()
-        self.anomalies: AnomalyDetector | None = None
+        self.anomalies: Detector | None = None
         if config.anomalies.enabled:
-            self.anomalies = AnomalyDetector(config.anomalies, clock, self.on_anomaly)
+            if shared is not None:  # --workers N: one detector, in the limits process, sees every worker
+                self.anomalies = RemoteDetector(shared)
+                shared.on_anomaly = self.on_anomaly
+            else:
+                self.anomalies = AnomalyDetector(config.anomalies, clock, self.on_anomaly)
             self.anomaly_events = Counter(
                 "gateway_anomalies_total", "Anomalies detected", ["kind"], registry=metrics.registry
             )

@@ -91,7 +91,7 @@ def _fork_limits(config: GatewayConfig, pairs: list[tuple[socket.socket, socket.
                 os.close(fd)
             for _, worker_end in pairs:
                 worker_end.close()
-            code = serve_limits(config.auth, [host_end for host_end, _ in pairs])
+            code = serve_limits(config, [host_end for host_end, _ in pairs])
         except BaseException:
             log.exception("the limits process failed")
         finally:

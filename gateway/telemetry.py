@@ -18,7 +18,7 @@ from typing import IO
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.anomalies import AnomalyDetector
+from gateway.anomalies import Detector
 from gateway.clock import Clock
 from gateway.http.exchange import Exchange
 from gateway.usage.record import UsageRecord
@@ -122,7 +122,7 @@ class Telemetry:
         metrics: RequestMetrics,
         usage: UsageWriter | None,
         access_log: AccessLog | None,
-        anomalies: AnomalyDetector | None = None,
+        anomalies: Detector | None = None,
     ) -> None:
         self.anomalies = anomalies
         self.clock = clock

@@ -3,9 +3,11 @@
 Frames, both ways: a 4-byte sequence number, a 4-byte length, then a marshal body. A request is a
 list of (counters, cost). The counters are the marshal of (storage keys, ((name, count, period), ...)),
 encoded once for each Counters object. A reply is a list with one item per hit:
-[allowed, remaining, reset, retry, remaining, reset, retry, ...]. Sequence number 0 is not a request:
-from a worker, a list of client addresses that failed to authenticate; from the limits process, a list
-of (address, cooled down until, in epoch seconds).
+[allowed, remaining, reset, retry, remaining, reset, retry, ...]. Sequence number 0 is a notice, not a
+request, and is not answered. From a worker: (client addresses that failed to authenticate, finished
+exchanges as (key id or None, client address, error code, key prefix)). From the limits process:
+((address, cooled down until in epoch seconds), ...) for every worker, and the anomalies the
+receiving worker's exchanges set off, as (kind, key id, subject, detail, at, action), for it to record.
 """
 
 from __future__ import annotations

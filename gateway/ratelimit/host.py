@@ -16,8 +16,10 @@ import marshal
 import signal
 import socket
 
+from gateway.anomalies import Anomaly, AnomalyDetector
 from gateway.clock import Clock
-from gateway.config.schema import AuthThrottleConfig
+from gateway.config.anomalies import AnomaliesConfig
+from gateway.config.schema import GatewayConfig
 from gateway.ratelimit.base import Counters
 from gateway.ratelimit.frames import NOTICE, Frames
 from gateway.ratelimit.memory import MemoryLimiter
@@ -38,7 +40,7 @@ class _HostEnd(Frames):
     def on_frame(self, seq: int, body: bytes) -> None:
         try:
             if seq == NOTICE:
-                self.host.failed(body)
+                self.host.notice(self, body)
                 return
             reply = self.host.answer(body)
         except (ValueError, EOFError, TypeError):
@@ -50,9 +52,13 @@ class _HostEnd(Frames):
 class LimiterHost:
     """The limits process's end: one MemoryLimiter deciding for every worker, one throttle counting."""
 
-    def __init__(self, limiter: MemoryLimiter, throttle: AuthThrottle) -> None:
+    def __init__(
+        self, limiter: MemoryLimiter, throttle: AuthThrottle, anomalies: AnomaliesConfig | None = None
+    ) -> None:
         self.limiter = limiter
         self.throttle = throttle
+        self._events: list[tuple[object, ...]] = []
+        self.detector = AnomalyDetector(anomalies, throttle.clock, self._event) if anomalies is not None else None
         self._counters: dict[bytes, Counters] = {}
         self._limits: dict[tuple[str, int, int], Limit] = {}
         self._ends: list[_HostEnd] = []
@@ -85,23 +91,35 @@ class LimiterHost:
             out.append(flat)
         return marshal.dumps(out)
 
-    def failed(self, body: bytes) -> None:
-        """Count a worker's failed authentications; tell every worker of each address now cooling down."""
+    def notice(self, end: _HostEnd, body: bytes) -> None:
+        """A worker's failed authentications and finished exchanges: every worker hears of each address
+        now cooling down, and the reporting worker of each anomaly its exchanges set off, to record it."""
+        failures, seen = marshal.loads(body)  # noqa: S302 - from our own worker, over a socket pair
         throttle = self.throttle
-        notices = []
-        for ip in marshal.loads(body):  # noqa: S302 - from our own worker, over a socket pair
+        blocks = []
+        for ip in failures:
             if type(ip) is not str:
                 raise TypeError("not an address")
             before = throttle.blocked_until(ip)
             throttle.fail(ip)
             until = throttle.blocked_until(ip)
             if until > before:
-                notices.append((ip, until))
-        if notices:
-            body = marshal.dumps(notices)
-            for end in self._ends:
-                if not end.lost:
-                    end.send(NOTICE, body)
+                blocks.append((ip, until))
+        if blocks:
+            everyone = marshal.dumps((blocks, []))
+            for e in self._ends:
+                if not e.lost:
+                    e.send(NOTICE, everyone)
+        if seen and self.detector is not None:
+            events = self._events = []
+            observe = self.detector.observe_fields
+            for key_id, ip, code, prefix in seen:
+                observe(key_id, ip, code, prefix)
+            if events and not end.lost:
+                end.send(NOTICE, marshal.dumps(([], events)))
+
+    def _event(self, a: Anomaly) -> None:
+        self._events.append((a.kind, a.key_id, a.subject, a.detail, a.at, a.action))
 
     def _decode(self, blob: bytes) -> Counters:
         keys, specs = marshal.loads(blob)  # noqa: S302 - from our own worker
@@ -129,7 +147,7 @@ class LimiterHost:
         self._ends.clear()
 
 
-def serve_limits(cfg: AuthThrottleConfig, socks: list[socket.socket]) -> int:
+def serve_limits(cfg: GatewayConfig, socks: list[socket.socket]) -> int:
     """The limits process: answer the workers until the last of them has gone."""
     from gateway.app import install_uvloop
 
@@ -139,9 +157,11 @@ def serve_limits(cfg: AuthThrottleConfig, socks: list[socket.socket]) -> int:
     return asyncio.run(_serve(cfg, socks))
 
 
-async def _serve(cfg: AuthThrottleConfig, socks: list[socket.socket]) -> int:
+async def _serve(cfg: GatewayConfig, socks: list[socket.socket]) -> int:
     clock = Clock()
-    host = LimiterHost(MemoryLimiter(clock), AuthThrottle(cfg, clock))
+    host = LimiterHost(
+        MemoryLimiter(clock), AuthThrottle(cfg.auth, clock), cfg.anomalies if cfg.anomalies.enabled else None
+    )
     for sock in socks:
         await host.serve(sock)
     gc.freeze()  # what start-up made is never garbage: full collections walk only the counters

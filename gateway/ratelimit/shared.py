@@ -23,10 +23,15 @@ import marshal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from gateway.anomalies import Anomaly
 from gateway.ratelimit.base import LATE, Counters, Limiter, LimiterUnavailable
 from gateway.ratelimit.frames import NOTICE, Frames
 from gateway.ratelimit.policy import Decision, Outcome
+
+if TYPE_CHECKING:
+    from gateway.http.exchange import Exchange
 
 # One queued hit: counters, cost and the caller's future.
 Entry = tuple[Counters, int, "asyncio.Future[Decision]"]
@@ -48,7 +53,7 @@ class _WorkerEnd(Frames):
 
     def on_frame(self, seq: int, body: bytes) -> None:
         if seq == NOTICE:
-            self.limiter._blocked(body)
+            self.limiter._notice(body)
         else:
             self.limiter._answered(seq, body)
 
@@ -71,7 +76,18 @@ class SharedLimiter(Limiter):
         self._closed = False
         self.frames = 0
         self._failures: list[str] = []
+        self._seen: list[tuple[str | None, str, str, str]] = []
         self.on_block: Callable[[str, float], None] | None = None  # the worker's throttle, told of cool-downs
+        self.on_anomaly: Callable[[Anomaly], None] | None = None  # the worker's services, to record one
+
+    def observe(self, key_id: str | None, ip: str, code: str, prefix: str) -> None:
+        """A finished exchange, for the anomaly detector in the limits process (sent with this tick's hits)."""
+        if self._closed:
+            return
+        self._seen.append((key_id, ip, code, prefix))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def report_failure(self, ip: str) -> None:
         """A failed authentication from `ip`, for the limits process's count (sent with this tick's hits)."""
@@ -96,7 +112,7 @@ class SharedLimiter(Limiter):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not self._queue and not self._failures:
+        if not self._queue and not self._failures and not self._seen:
             return
         end = self._end
         if end is None:
@@ -104,10 +120,11 @@ class SharedLimiter(Limiter):
                 self._connecting = True
                 asyncio.get_running_loop().create_task(self._connect())
             return
-        if self._failures:
-            failures, self._failures = self._failures, []
+        if self._failures or self._seen:
+            notice = (self._failures, self._seen)
+            self._failures, self._seen = [], []
             if not end.lost:
-                end.send(NOTICE, marshal.dumps(failures))
+                end.send(NOTICE, marshal.dumps(notice))
         batch, self._queue = self._queue, []
         if not batch:
             return
@@ -182,16 +199,18 @@ class SharedLimiter(Limiter):
                 fut.set_exception(LimiterUnavailable("limits process: unexpected answer"))
         _fail(batch[len(replies) :], LimiterUnavailable("limits process: answer too short"))
 
-    def _blocked(self, body: bytes) -> None:
-        on_block = self.on_block
-        if on_block is None:
-            return
+    def _notice(self, body: bytes) -> None:
+        """Cool-downs for every worker, and anomalies this worker's exchanges set off, to record."""
         try:
-            notices = marshal.loads(body)  # noqa: S302 - from our own limits process, over a socket pair
-            for ip, until in notices:
-                on_block(ip, until)
+            blocks, events = marshal.loads(body)  # noqa: S302 - from our own limits process, over a socket pair
+            if self.on_block is not None:
+                for ip, until in blocks:
+                    self.on_block(ip, until)
+            if self.on_anomaly is not None:
+                for kind, key_id, subject, detail, at, action in events:
+                    self.on_anomaly(Anomaly(kind, key_id, subject, detail, at, action))
         except (ValueError, EOFError, TypeError):
-            pass  # not a notice of ours; the worker's own count still holds
+            pass  # not a notice of ours; this worker's own throttle count still holds
 
     def _lost(self) -> None:
         pending, self._pending = self._pending, {}
@@ -220,3 +239,15 @@ def _fail(entries: list[Entry], err: LimiterUnavailable) -> None:
     for _, _, fut in entries:
         if not fut.done():
             fut.set_exception(err)
+
+
+class RemoteDetector:
+    """A worker's anomaly detection under `--workers N`: each exchange goes to the one detector in the
+    limits process, which sees every worker's traffic (thresholds hold across workers)."""
+
+    def __init__(self, shared: SharedLimiter) -> None:
+        self.shared = shared
+
+    def observe(self, ex: Exchange) -> None:
+        p = ex.principal
+        self.shared.observe(p.record.id if p is not None else None, ex.client_ip, ex.error_code, ex.key_prefix)

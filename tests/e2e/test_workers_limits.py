@@ -97,3 +97,44 @@ async def test_failed_authentications_are_counted_across_workers(
         assert time.monotonic() - blocked_at < 5, [status for status, _ in after]
     waited = time.monotonic() - blocked_at
     assert all(300 - waited - 1 <= int(headers["Retry-After"]) <= 300 for _, headers in after)
+
+
+async def test_anomalies_are_detected_over_all_workers(launch: Launcher) -> None:
+    """Eight client addresses for one key, spread over two workers: past shared_key.max_addresses (6)
+    together, though each worker alone saw fewer. One anomaly, recorded once."""
+    up = launch.server()
+    token = "admin-token-for-anomaly-tests-0123456789"
+    gw = await asyncio.to_thread(
+        launch.gateway,
+        [{"name": "api", "path": "/api", "upstream": up.url, "auth": "required"}],
+        workers=2,
+        trusted_proxies=["127.0.0.1/32"],
+        anomalies={"shared_key": {"max_addresses": 6}},
+        admin={"token": token},
+    )
+    made = await asyncio.to_thread(gateway_cli, "keys", "create", "-c", str(gw.config_path), "--owner", "o", "--json")
+    assert made.returncode == 0, made.stderr
+    key, key_id = json.loads(made.stdout)["key"], json.loads(made.stdout)["id"]
+
+    async def one(ip: str) -> int:
+        conn = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(timeout=TIMEOUT, connector=conn) as s, s.get(
+            gw.url + "/api/x", headers={"X-API-Key": key, "X-Forwarded-For": ip}
+        ) as r:
+            return r.status
+
+    assert [await one(f"198.51.100.{i}") for i in range(8)] == [200] * 8
+    headers = {"Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + 10
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        while True:
+            async with s.get(gw.admin_url + "/admin/anomalies", headers=headers) as r:
+                found = [a for a in (await r.json())["anomalies"] if a["change"]["kind"] == "shared_key"]
+            if found or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # a second record would have come by now
+        async with s.get(gw.admin_url + "/admin/anomalies", headers=headers) as r:
+            found = [a for a in (await r.json())["anomalies"] if a["change"]["kind"] == "shared_key"]
+    assert len(found) == 1, found
+    assert found[0]["key_id"] == key_id and found[0]["change"]["addresses"] == 7

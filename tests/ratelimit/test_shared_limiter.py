@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.anomalies import Anomaly
+from gateway.config.anomalies import AnomaliesConfig
 from gateway.config.schema import AuthThrottleConfig
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
@@ -216,10 +218,45 @@ async def test_a_worker_that_never_asked_anything_still_hears_of_cool_downs(tmp_
     await limits.serve(host_end)
     services = await Services.open(config, link=WorkerLink(worker_end, 2))
     try:
-        limits.failed(marshal.dumps(["192.0.2.9", "192.0.2.9"]))  # another worker's two failures
+        limits.notice(limits._ends[0], marshal.dumps((["192.0.2.9", "192.0.2.9"], [])))  # two failures elsewhere
         await wait_until(lambda: services.throttle.blocked_until("192.0.2.9") > 0)
         with pytest.raises(GatewayError):
             services.throttle.check("192.0.2.9")
     finally:
         await services.close()
+        limits.close()
+
+
+# --- anomaly detection, in the limits process ----------------------------------------------------------
+
+
+async def test_anomalies_are_detected_over_every_workers_exchanges_and_recorded_once() -> None:
+    """A key seen from 3 addresses by each of two workers is seen from 6 by the one detector: past its
+    max of 4, one shared_key anomaly, delivered to the worker whose exchange set it off."""
+    clock = MsClock()
+    clock.set_ms(1_700_000_000_000)
+    cfg = AnomaliesConfig(shared_key={"max_addresses": 4})
+    limits = LimiterHost(MemoryLimiter(clock), AuthThrottle(AuthThrottleConfig(), clock), cfg)
+    workers: list[tuple[SharedLimiter, list[Anomaly]]] = []
+    for _ in range(2):
+        host_end, worker_end = socket.socketpair()
+        await limits.serve(host_end)
+        limiter = SharedLimiter(worker_end, 5.0)
+        await limiter.connect()
+        got: list[Anomaly] = []
+        limiter.on_anomaly = got.append
+        workers.append((limiter, got))
+    try:
+        for i in range(6):
+            limiter, _ = workers[i % 2]
+            limiter.observe("key_abc", f"192.0.2.{i}", "", "")
+            await asyncio.sleep(0.01)  # one tick each, as separate requests
+        await wait_until(lambda: sum(len(got) for _, got in workers) == 1)
+        await asyncio.sleep(0.05)
+        [event] = [e for _, got in workers for e in got]
+        assert event.kind == "shared_key" and event.key_id == "key_abc" and event.detail == {"addresses": 5}
+        assert workers[0][1] == [event]  # the fifth address came from the first worker
+    finally:
+        for limiter, _ in workers:
+            await limiter.close()
         limits.close()
