@@ -149,10 +149,15 @@ class Gateway:
             log.warning("SIGHUP ignored: no config file to read again")
             return
         new = reloaded(self.config_path, self.config)
-        if new is not None:
+        if new is None:
+            return
+        try:
             self.proxy.reload(new)
-            self.config = new
-            log.info("reloaded %s: %d route%s", self.config_path, len(new.routes), "s" * (len(new.routes) != 1))
+        except Exception:  # a route the schema accepted but that does not compile (a CA file gone, say)
+            log.exception("reload of %s failed, still serving the previous config", self.config_path)
+            return
+        self.config = new
+        log.info("reloaded %s: %d route%s", self.config_path, len(new.routes), "s" * (len(new.routes) != 1))
 
 
 class StartupError(Exception):

@@ -114,6 +114,9 @@ class ProxyServer:
     def reload(self, config: GatewayConfig) -> None:
         """Routes, request limits and the rest of what gateway/reload.py lists as live, from `config`:
         a request already routed keeps its route; the next ones see these."""
+        # Everything that can fail first: a route that does not compile leaves the running ones in place.
+        router = Router(build_routes(config, self.services))
+        pipeline = Pipeline(router, ClientIP(list(config.trusted_proxies)))
         self.config = config
         lim = config.limits
         self.header_timeout = lim.header_timeout
@@ -125,8 +128,8 @@ class ProxyServer:
         self.max_pipelined = lim.max_pipelined
         self.max_connections = lim.max_connections
         self.underscores = config.headers_with_underscores
-        self.router = Router(build_routes(config, self.services))
-        self.pipeline = Pipeline(self.router, ClientIP(list(config.trusted_proxies)))
+        self.router = router
+        self.pipeline = pipeline
         self._tick_every = self._tick_interval(config)
 
     @staticmethod

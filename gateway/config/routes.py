@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Literal
 from urllib.parse import urlsplit
@@ -68,6 +69,13 @@ class RouteConfig(Strict):
     upstream_ca: str | None = Field(default=None, description="CA bundle to verify https upstreams (default: system)")
     websocket: bool = False
     cors: CorsConfig | None = None
+
+    @field_validator("upstream_ca")
+    @classmethod
+    def _upstream_ca(cls, v: str | None) -> str | None:
+        if v is not None and not os.path.isfile(v):
+            raise ValueError(f"no such file: {v}")
+        return v
 
     @field_validator("name")
     @classmethod
