@@ -118,6 +118,7 @@ class Gateway:
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one held back since start-up comes now
         # What start-up made (modules, config, routes, the metrics registry, pools) lives as long as
         # the process: moved out of the collector's sight, a full collection walks only what serving
         # made since. Walking it took about 7 ms, a loop stall of its own. Done here, in each serving
@@ -193,9 +194,9 @@ def run(config: GatewayConfig, workers: int = 1, path: str | None = None) -> int
     """Serve until SIGTERM/SIGINT (SIGHUP reads `path` again); with workers > 1, fork that many proxy
     processes (SO_REUSEPORT)."""
     install_uvloop()
-    # SIGHUP reloads once serving (gateway/reload.py); until then, and in a child before it is ready,
-    # it must not end the process as by default.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGHUP reloads once serving (gateway/reload.py). Until then, here and in every child forked before
+    # it serves, it is held back (blocked, not ignored): one sent during start-up is delivered then.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     # The SQLite store's thread (key lookups on a cache miss, reports) shares the GIL; with the default
     # 5 ms switch interval the event loop could wait that long behind it: request-latency p99 spikes.
     sys.setswitchinterval(0.001)

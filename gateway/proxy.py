@@ -14,12 +14,12 @@ from gateway.config.schema import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.http.connection import ConnectionBase
 from gateway.http.exchange import Exchange
-from gateway.http.outliers import EjectionMetrics
+from gateway.http.outliers import EjectionMetrics, carry_over
 from gateway.http.pool import UpstreamPool
 from gateway.http.server import ClientConnection
 from gateway.pipeline import Pipeline, Stage
 from gateway.ratelimit.failover import FailoverLimiter
-from gateway.routing import Route, Router, compile_route
+from gateway.routing import Route, Router, SSLCache, compile_route
 from gateway.services import Services
 from gateway.stages.auth import AuthStage
 from gateway.stages.authorize import EnvStage, IPAllowStage, ScopeStage
@@ -47,10 +47,14 @@ class UsageGuard:
             raise GatewayError("service_unavailable", "usage cannot be recorded right now; try again shortly")
 
 
-def build_routes(config: GatewayConfig, services: Services | None) -> list[Route]:
+def build_routes(
+    config: GatewayConfig, services: Services | None, ssl_cache: SSLCache | None = None
+) -> list[Route]:
     """Compile every route with its ordered stages: CORS preflight (no key needed), authentication,
-    environment, IP allowlist, scopes, then identity headers for the upstream."""
-    ssl_cache: dict[str | None, ssl.SSLContext] = {}
+    environment, IP allowlist, scopes, then identity headers for the upstream. `ssl_cache` keeps one TLS
+    context per CA bundle across reloads, and with it the pooled connections keyed by it."""
+    if ssl_cache is None:
+        ssl_cache = {}
     routes = []
     signing = config.identity.signing_key.encode() or None
     for rc in config.routes:
@@ -90,6 +94,7 @@ class ProxyServer:
         self.observers: list[Observer] = []
         self.loop = loop
         self.scheme = b"https" if config.tls else b"http"
+        self._ssl_cache: SSLCache = {}
         self.reload(config)
         if services is not None:
             services.metrics.registry.register(EjectionMetrics(lambda: self.router.routes, loop.time))
@@ -115,8 +120,11 @@ class ProxyServer:
         """Routes, request limits and the rest of what gateway/reload.py lists as live, from `config`:
         a request already routed keeps its route; the next ones see these."""
         # Everything that can fail first: a route that does not compile leaves the running ones in place.
-        router = Router(build_routes(config, self.services))
+        router = Router(build_routes(config, self.services, self._ssl_cache))
         pipeline = Pipeline(router, ClientIP(list(config.trusted_proxies)))
+        previous: Router | None = getattr(self, "router", None)
+        if previous is not None:
+            carry_over(previous.routes, router.routes)
         self.config = config
         lim = config.limits
         self.header_timeout = lim.header_timeout

@@ -13,7 +13,6 @@ on to every worker, each of which reloads it.
 from __future__ import annotations
 
 import logging
-import os
 
 from gateway.config import ConfigError, load_config
 from gateway.config.schema import GatewayConfig
@@ -40,7 +39,3 @@ def reloaded(path: str, current: GatewayConfig) -> GatewayConfig | None:
         return None
     return new
 
-
-def absolute(path: str) -> str:
-    """The config's path as given at start, made absolute: a reload reads the same file."""
-    return os.path.abspath(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -61,16 +62,21 @@ class Route:
         return upstream.base + path if upstream.base else path
 
 
-def _ssl_context(ca: str | None, cache: dict[str | None, ssl.SSLContext]) -> ssl.SSLContext:
-    ctx = cache.get(ca)
+SSLCache = dict[tuple[str | None, int], ssl.SSLContext]
+
+
+def _ssl_context(ca: str | None, cache: SSLCache) -> ssl.SSLContext:
+    """One context per CA bundle as it is now: a bundle replaced on disk gets a new one at a reload."""
+    key = (ca, os.stat(ca).st_mtime_ns if ca else 0)
+    ctx = cache.get(key)
     if ctx is None:
         ctx = ssl.create_default_context(cafile=ca)
         ctx.set_alpn_protocols(["http/1.1"])
-        cache[ca] = ctx
+        cache[key] = ctx
     return ctx
 
 
-def compile_route(cfg: RouteConfig, ssl_cache: dict[str | None, ssl.SSLContext]) -> Route:
+def compile_route(cfg: RouteConfig, ssl_cache: SSLCache) -> Route:
     urls = [cfg.upstream] if isinstance(cfg.upstream, str) else list(cfg.upstream)
     ups = []
     for url in urls:

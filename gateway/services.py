@@ -24,7 +24,7 @@ from gateway.metrics import Metrics
 from gateway.ratelimit.base import Limiter
 from gateway.ratelimit.failover import FailoverLimiter
 from gateway.ratelimit.memory import MemoryLimiter
-from gateway.ratelimit.shared import RemoteDetector, SharedLimiter, WorkerLink
+from gateway.ratelimit.shared import DroppedObservations, RemoteDetector, SharedLimiter, WorkerLink
 from gateway.stages.auth import KeyAuth
 from gateway.stages.throttle import AuthThrottle
 from gateway.store import KeyStore, StoreUnavailable, open_store
@@ -127,6 +127,7 @@ class Services:
             if shared is not None:  # --workers N: one detector, in the limits process, sees every worker
                 self.anomalies = RemoteDetector(shared)
                 shared.on_anomaly = self.on_anomaly
+                metrics.registry.register(DroppedObservations(shared))
             else:
                 self.anomalies = AnomalyDetector(config.anomalies, clock, self.on_anomaly)
             self.anomaly_events = Counter(

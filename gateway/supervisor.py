@@ -84,8 +84,8 @@ def _fork_limits(config: GatewayConfig, pairs: list[tuple[socket.socket, socket.
     if pid == 0:
         code = 1
         try:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
             for fd in close:
                 os.close(fd)
@@ -197,6 +197,9 @@ async def _supervisor_loop(
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     await gw.start_admin()
+    # Held back since start-up (app.run); the workers unblock it themselves once they serve. A SIGHUP
+    # that came meanwhile is passed on now, and each worker applies it when it is ready.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     alive = {*children, limits}
 
     async def until_listening() -> None:

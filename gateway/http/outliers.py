@@ -60,6 +60,23 @@ def answered(up: Upstream) -> None:
     up.ejections = 0
 
 
+def carry_over(old: list[Route], new: list[Route]) -> None:
+    """A reload's routes take over the health of the ones they replace (same route name, same upstream
+    origin): an ejected upstream stays out, its backoff and the counters go on."""
+    before = {r.name: r for r in old}
+    for route in new:
+        prev = before.get(route.name)
+        if prev is None:
+            continue
+        route.ejections = prev.ejections
+        route.next_upstream = prev.next_upstream % len(route.upstreams)
+        health = {(u.scheme, u.host, u.port): u for u in prev.upstreams}
+        for up in route.upstreams:
+            was = health.get((up.scheme, up.host, up.port))
+            if was is not None:
+                up.failures, up.ejected_until, up.ejections = was.failures, was.ejected_until, was.ejections
+
+
 class EjectionMetrics(Collector):
     """`gateway_upstream_ejections_total{route}` and `gateway_upstream_ejected{route}`, read at a scrape."""
 

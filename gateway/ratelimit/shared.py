@@ -21,17 +21,22 @@ from __future__ import annotations
 import asyncio
 import marshal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.anomalies import Anomaly
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.anomalies import AUTH_FAILURES, Anomaly
 from gateway.ratelimit.base import LATE, Counters, Limiter, LimiterUnavailable
 from gateway.ratelimit.frames import NOTICE, Frames
 from gateway.ratelimit.policy import Decision, Outcome
 
 if TYPE_CHECKING:
     from gateway.http.exchange import Exchange
+
+MAX_BACKLOG = 1024 * 1024  # bytes not yet taken by the limits process, past which observations are dropped
 
 # One queued hit: counters, cost and the caller's future.
 Entry = tuple[Counters, int, "asyncio.Future[Decision]"]
@@ -79,10 +84,17 @@ class SharedLimiter(Limiter):
         self._seen: list[tuple[str | None, str, str, str]] = []
         self.on_block: Callable[[str, float], None] | None = None  # the worker's throttle, told of cool-downs
         self.on_anomaly: Callable[[Anomaly], None] | None = None  # the worker's services, to record one
+        self.dropped_observations = 0
 
     def observe(self, key_id: str | None, ip: str, code: str, prefix: str) -> None:
-        """A finished exchange, for the anomaly detector in the limits process (sent with this tick's hits)."""
+        """A finished exchange, for the anomaly detector in the limits process (sent with this tick's hits).
+        Dropped (and counted) while the limits process is not keeping up: its rate-limit answers queue
+        behind what was sent before, and must not wait for a backlog of observations."""
         if self._closed:
+            return
+        end = self._end
+        if end is not None and end.transport is not None and end.transport.get_write_buffer_size() > MAX_BACKLOG:
+            self.dropped_observations += 1
             return
         self._seen.append((key_id, ip, code, prefix))
         if not self._flush_scheduled:
@@ -250,4 +262,22 @@ class RemoteDetector:
 
     def observe(self, ex: Exchange) -> None:
         p = ex.principal
+        if p is None and ex.error_code not in AUTH_FAILURES:
+            return  # the detector looks at keys and failed authentications only: nothing to send
         self.shared.observe(p.record.id if p is not None else None, ex.client_ip, ex.error_code, ex.key_prefix)
+
+
+class DroppedObservations(Collector):
+    """`gateway_anomaly_observations_dropped_total`: exchanges a worker did not send the detector
+    because the limits process was not keeping up (a plain int, read at a scrape)."""
+
+    def __init__(self, shared: SharedLimiter) -> None:
+        self.shared = shared
+
+    def collect(self) -> Iterator[Metric]:
+        fam = CounterMetricFamily(
+            "gateway_anomaly_observations_dropped",
+            "Exchanges not sent to the anomaly detector while the limits process lagged",
+        )
+        fam.add_metric([], self.shared.dropped_observations)
+        yield fam

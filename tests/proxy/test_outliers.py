@@ -164,3 +164,18 @@ async def test_an_upstream_that_stops_reading_an_upload_counts_as_failing(gatewa
     finally:
         await stuck.close()
         await live.close()
+
+
+def test_a_reload_keeps_the_health_of_the_upstreams_it_keeps() -> None:
+    old = compiled(3, consecutive_failures=1, ejection="30s")
+    outliers.failed(old, old.upstreams[1], 10.0)
+    outliers.failed(old, old.upstreams[2], 10.0)  # 2 of 3 would pass 50 %: not ejected, one failure kept
+    outliers.pick(old, 10.0)
+    cfg = old.config.model_copy(update={"upstream": [old.config.upstream[1], old.config.upstream[2], "http://127.0.0.1:9999"]})
+    new = compile_route(cfg, {})
+    outliers.carry_over([old], [new])
+    kept_b, kept_c, fresh = new.upstreams
+    assert kept_b.ejected_until == 40.0 and kept_b.ejections == 1  # still out after the reload
+    assert kept_c.failures == 1 and kept_c.ejected_until == 0.0
+    assert fresh.failures == 0 and fresh.ejected_until == 0.0
+    assert new.ejections == 1

@@ -23,6 +23,7 @@ from gateway.anomalies import Anomaly
 from gateway.config.anomalies import AnomaliesConfig
 from gateway.config.schema import AuthThrottleConfig
 from gateway.errors import GatewayError
+from gateway.http.exchange import Exchange
 from gateway.metrics import Metrics
 from gateway.ratelimit import host
 from gateway.ratelimit.base import LimiterUnavailable
@@ -30,7 +31,7 @@ from gateway.ratelimit.failover import FailoverLimiter
 from gateway.ratelimit.host import LimiterHost
 from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.policy import Decision, Limit
-from gateway.ratelimit.shared import SharedLimiter, WorkerLink
+from gateway.ratelimit.shared import RemoteDetector, SharedLimiter, WorkerLink
 from gateway.services import Services
 from gateway.stages.throttle import AuthThrottle
 from tests.keys.support import config_data, validate
@@ -260,3 +261,21 @@ async def test_anomalies_are_detected_over_every_workers_exchanges_and_recorded_
         for limiter, _ in workers:
             await limiter.close()
         limits.close()
+
+
+async def test_only_exchanges_the_detector_looks_at_are_sent() -> None:
+    """Keyless traffic that is not a failed authentication (auth: none routes, 404s) costs no frame."""
+    host_end, worker_end = socket.socketpair()
+    limiter = SharedLimiter(worker_end, 5.0)
+    try:
+        detector = RemoteDetector(limiter)
+        plain = Exchange(0.0, 0.0)
+        plain.error_code, plain.client_ip = "no_route", "192.0.2.1"
+        detector.observe(plain)
+        failed = Exchange(0.0, 0.0)
+        failed.error_code, failed.client_ip, failed.key_prefix = "invalid_api_key", "192.0.2.2", "sk_live_abcd"
+        detector.observe(failed)
+        assert limiter._seen == [(None, "192.0.2.2", "invalid_api_key", "sk_live_abcd")]
+    finally:
+        await limiter.close()
+        host_end.close()
