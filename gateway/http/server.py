@@ -103,7 +103,9 @@ class ClientConnection(Forwarding):
         self.head_bytes = self.header_count = self.head_raw = 0
         self.begun += 1
         self.in_body = False
-        if self.active is None and not self.queue:
+        if self.active is None and not self.queue and self.deadline_kind != D_HEADER:
+            # From the first byte after an idle keep-alive wait. A new connection's header deadline
+            # runs from its accept (connection_made), so a first byte sent late buys no time.
             self.deadline = self.loop.time() + self.server.header_timeout
             self.deadline_kind = D_HEADER
 

@@ -217,3 +217,17 @@ async def test_stalled_body_queued_behind_a_slow_request_still_gets_408(gateway)
         assert await c.closed(timeout=1.0)
     finally:
         await slow_up.close()
+
+
+async def test_a_new_connections_header_deadline_runs_from_its_accept(up, gateway) -> None:
+    """A first byte sent late buys no time: the head must be complete header_timeout after the accept."""
+    h = await gateway([route(up)], limits={"header_timeout": "1s"})
+    loop = asyncio.get_running_loop()
+    c = await h.client()
+    t0 = loop.time()
+    await asyncio.sleep(0.7)
+    await c.send(b"GET / HTTP/1.1\r\n")  # and then nothing more
+    got = await c.response(timeout=3.0)
+    assert_problem(got, 408, "request_timeout")
+    assert loop.time() - t0 < 1.5  # 1 s from the accept (and a tick), not 1 s from the first byte
+    assert up.received == b""
