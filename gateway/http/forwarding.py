@@ -65,7 +65,8 @@ class Forwarding(Responses):
     def _dispatch(self, ex: Exchange, fresh: bool) -> None:
         route = ex.route
         assert route is not None
-        up = outliers.pick(route, self.loop.time())
+        ups = route.upstreams
+        up = ups[0] if len(ups) == 1 else outliers.pick(route, self.loop.time())
         if ex.expect_continue == 1 and ex.version == b"1.1" and not ex.body_received and not ex.body_complete:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         ex.expect_continue = 0
