@@ -215,6 +215,20 @@ async def test_key_sync_sees_a_revocation_behind_a_burst_of_changes(gw: RunningG
     assert changes.gaps == {}
 
 
+async def revoke_behind_a_later_commit(gw: RunningGateway, revoked: str, other: str, changes: KeyChanges) -> None:
+    """PostgreSQL: a revocation's audit id taken, a later id committed and polled past while the
+    revocation's transaction is still open (the poll records one gap), then the revocation commits."""
+    async with gw.services.store._connection() as conn, conn.transaction():  # type: ignore[attr-defined]
+        await conn.execute("UPDATE api_keys SET status = 'revoked' WHERE id = $1", revoked)
+        await conn.execute(
+            "INSERT INTO audit_log (at, action, actor, source_ip, key_id) VALUES (now(), 'revoke', 'test', '', $1)",
+            revoked,
+        )
+        await gw.services.keys.update(other, name="later")  # a later id, committed first
+        await changes.poll()
+        assert len(changes.gaps) == 1
+
+
 async def test_a_first_key_sync_sees_an_entry_committed_after_it_started(gw: RunningGateway, backend: str) -> None:
     """The first poll starts from the newest id; a lower one still uncommitted then (PostgreSQL) is
     looked up until it appears, like any id skipped later."""
@@ -225,15 +239,7 @@ async def test_a_first_key_sync_sees_an_entry_committed_after_it_started(gw: Run
     assert await status(gw, key) == 200
     store = gw.services.store
     changes = KeyChanges(store, gw.services.cache, gw.services.clock, Metrics(), 0.25)  # a process starting
-    async with store._connection() as conn, conn.transaction():  # type: ignore[attr-defined]
-        await conn.execute("UPDATE api_keys SET status = 'revoked' WHERE id = $1", rec.id)
-        await conn.execute(
-            "INSERT INTO audit_log (at, action, actor, source_ip, key_id) VALUES (now(), 'revoke', 'test', '', $1)",
-            rec.id,
-        )
-        await gw.services.keys.update(other.id, name="later")  # a later id, committed first
-        await changes.poll()
-        assert len(changes.gaps) == 1
+    await revoke_behind_a_later_commit(gw, rec.id, other.id, changes)
     await changes.poll()
     problem(await call(gw, "GET", "/any/x", bearer(key)), 401, "invalid_api_key")
     assert changes.gaps == {}
@@ -303,16 +309,7 @@ async def test_key_sync_reads_an_entry_committed_after_a_later_one(gw: RunningGa
     other, _ = await new_key(gw)
     await changes.poll()
     assert await status(gw, key) == 200
-    store = gw.services.store
-    async with store._connection() as conn, conn.transaction():  # type: ignore[attr-defined]
-        await conn.execute("UPDATE api_keys SET status = 'revoked' WHERE id = $1", rec.id)
-        await conn.execute(
-            "INSERT INTO audit_log (at, action, actor, source_ip, key_id) VALUES (now(), 'revoke', 'test', '', $1)",
-            rec.id,
-        )
-        await gw.services.keys.update(other.id, name="later")  # a later id, committed first
-        await changes.poll()
-        assert len(changes.gaps) == 1
+    await revoke_behind_a_later_commit(gw, rec.id, other.id, changes)
     assert await status(gw, key) == 200  # cached: the poll could not see the revocation yet
     await changes.poll()
     problem(await call(gw, "GET", "/any/x", bearer(key)), 401, "invalid_api_key")
